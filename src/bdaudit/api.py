@@ -1,0 +1,86 @@
+"""The library API behind every CLI command: each returns a Report (and writes nothing else
+unless asked), so Python users and CI scripts get exactly what the CLI prints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bdaudit.checkpoint import LoadedModel, load_model
+from bdaudit.data import DataSplit, resolve_data
+from bdaudit.errors import BdauditError
+from bdaudit.report import Report, model_section, scan_reasons, scan_section
+from bdaudit.runtime import environment_info, resolve_device, seed_everything
+from bdaudit.scan import Gates, evaluate_triggers
+from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
+from bdaudit.triggers.base import model_triggers
+
+Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how to compute: shared by every command."""
+
+    device: str = "auto"
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise BdauditError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The clean data and how it is split into tuning and held-out parts."""
+
+    path: Path
+    eval_path: Path | None = None
+    holdout: float = 0.2
+
+
+def select_triggers(loaded: LoadedModel, specs: Sequence[str] = (),
+                    file: str | Path | None = None) -> list[Trigger]:
+    """``--trigger`` specs and ``--triggers FILE`` if given, else the whole default library plus
+    any trigger the checkpoint itself carries (e.g. an Input-aware generator)."""
+    chosen = [parse_trigger(spec) for spec in specs]
+    if file is not None:
+        chosen += load_trigger_file(Path(file))
+    return chosen or default_triggers() + model_triggers(loaded.aux)
+
+
+def open_model_and_data(model_path: str | Path, data: DataOptions, runtime: Runtime,
+                        model_flags: dict[str, Any] | None = None,
+                        model_config: str | Path | None = None) -> tuple[LoadedModel, DataSplit]:
+    loaded = load_model(model_path, model_flags, model_config)
+    split = resolve_data(data.path, loaded.config, data.holdout, runtime.seed, data.eval_path)
+    return loaded, split
+
+
+def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] = (),
+         triggers_file: str | Path | None = None, target: int | None = None,
+         gates: Gates | None = None, runtime: Runtime | None = None,
+         model_flags: dict[str, Any] | None = None, model_config: str | Path | None = None,
+         progress: Progress | None = None) -> Report:
+    """Probe a checkpoint with known triggers on held-out clean images."""
+    started = time.perf_counter()
+    runtime = runtime or Runtime()
+    gates = gates or Gates()
+    device = resolve_device(runtime.device)
+    seed_everything(runtime.seed)
+    loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
+    chosen = select_triggers(loaded, triggers, triggers_file)
+    advance = progress("scanning", len(split.heldout)) if progress else None
+    result = evaluate_triggers(loaded.classifier(), split.heldout, chosen, device=device,
+                               batch_size=runtime.batch_size, target=target, gates=gates,
+                               advance=advance)
+    return Report(
+        kind="scan", model=model_section(loaded), data=split.info,
+        environment=environment_info(device, runtime.seed),
+        gates={"fail_asr": gates.fail_asr, "null_margin": gates.null_margin},
+        sections={"scan": scan_section(result)}, reasons=scan_reasons(result, gates),
+        wall_time_s=time.perf_counter() - started)

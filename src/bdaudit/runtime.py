@@ -1,0 +1,40 @@
+"""Device choice and seeding: the same inputs and seed give the same numbers on CPU."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from bdaudit.errors import BdauditError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise BdauditError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), not '{name}'")
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps and mps.is_available())
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BdauditError("--device cuda was asked for but CUDA is not available; use --device auto")
+    if name == "mps" and not mps_ok:
+        raise BdauditError("--device mps was asked for but MPS is not available; use --device auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed every global RNG and return a CPU generator for explicit random choices."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def environment_info(device: torch.device, seed: int) -> dict[str, object]:
+    return {"device": str(device), "torch": torch.__version__, "seed": seed,
+            "threads": torch.get_num_threads()}

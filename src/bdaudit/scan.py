@@ -1,0 +1,140 @@
+"""Probe a classifier with known triggers and measure attack success per target class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bdaudit.data import ImageSet, to_float
+from bdaudit.errors import BdauditError
+from bdaudit.triggers import Trigger
+
+DEFAULT_FAIL_ASR = 0.3
+DEFAULT_NULL_MARGIN = 0.1
+
+
+@dataclass(frozen=True)
+class Gates:
+    """A trigger fails the gate when its ASR reaches ``fail_asr`` *and* beats the matched null
+    perturbation by ``null_margin`` — so natural errors under that much change don't count."""
+
+    fail_asr: float = DEFAULT_FAIL_ASR
+    null_margin: float = DEFAULT_NULL_MARGIN
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fail_asr <= 1.0:
+            raise BdauditError(f"--fail-asr must be in (0, 1], not {self.fail_asr}")
+        if not 0.0 <= self.null_margin < 1.0:
+            raise BdauditError(f"--null-margin must be in [0, 1), not {self.null_margin}")
+
+    def flags(self, asr: float, null_asr: float) -> bool:
+        return asr >= self.fail_asr and asr - null_asr >= self.null_margin
+
+
+@dataclass
+class TriggerResult:
+    trigger: str
+    spec: str
+    paper: str
+    target: int | None
+    target_name: str | None
+    target_fixed: bool
+    asr: float | None
+    null_asr: float | None
+    robust_accuracy: float | None
+    asr_per_class: list[float] = field(default_factory=list)
+    flagged: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ScanResult:
+    clean_accuracy: float
+    n_images: int
+    triggers: list[TriggerResult]
+
+    @property
+    def flagged(self) -> list[TriggerResult]:
+        return [t for t in self.triggers if t.flagged]
+
+
+def attack_success_rates(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """ASR for every target t: the share of images not of class t predicted as t."""
+    sent_to = torch.bincount(preds, minlength=num_classes).float()
+    correct_in = torch.bincount(preds[preds == labels], minlength=num_classes).float()
+    not_of = len(labels) - torch.bincount(labels, minlength=num_classes).float()
+    return (sent_to - correct_in) / not_of.clamp(min=1)
+
+
+@torch.no_grad()
+def _predict_all(classifier: nn.Module, data: ImageSet, transforms: Sequence[Callable],
+                 batch_size: int, device: torch.device, advance: Callable[[int], None] | None,
+                 ) -> list[torch.Tensor]:
+    """Predictions under each transform, converting each uint8 batch to float once."""
+    classifier.to(device, memory_format=torch.channels_last).eval()
+    outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
+    for start in range(0, len(data), batch_size):
+        x = to_float(data.images[start:start + batch_size], device)
+        for slot, transform in enumerate(transforms):
+            outputs[slot].append(classifier(transform(x)).argmax(1).cpu())
+        if advance is not None:
+            advance(min(batch_size, len(data) - start))
+    return [torch.cat(chunks) for chunks in outputs]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _fits(trigger: Trigger, data: ImageSet) -> str | None:
+    """Try the trigger on one image: a geometry that does not fit is reported, not raised."""
+    try:
+        trigger.apply(to_float(data.images[:1]))
+        trigger.null(to_float(data.images[:1]))
+    except (ValueError, RuntimeError) as exc:
+        return f"does not fit {tuple(data.images.shape[1:])} inputs: {exc}"
+    return None
+
+
+def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[Trigger], *,
+                      device: torch.device, batch_size: int = 256, target: int | None = None,
+                      gates: Gates | None = None, advance: Callable[[int], None] | None = None,
+                      ) -> ScanResult:
+    """Clean accuracy plus, per trigger, ASR at the suspected (or given) target, the matched
+    null rate and robust accuracy."""
+    gates = gates or Gates()
+    if target is not None and not 0 <= target < data.num_classes:
+        raise BdauditError(f"--target {target} is not a class index (0..{data.num_classes - 1})")
+    usable = [t for t in triggers if _fits(t, data) is None]
+    transforms: list[Callable] = [_identity]
+    for trig in usable:
+        transforms += [trig.apply, trig.null]
+    preds = _predict_all(classifier, data, transforms, batch_size, device, advance)
+    labels = data.labels
+    clean_acc = float((preds[0] == labels).float().mean())
+    results = []
+    by_name = {id(t): i for i, t in enumerate(usable)}
+    for trig in triggers:
+        if id(trig) not in by_name:
+            results.append(TriggerResult(trig.name, trig.spec(), trig.paper, target, None,
+                                         target is not None, None, None, None,
+                                         error=_fits(trig, data)))
+            continue
+        slot = 1 + 2 * by_name[id(trig)]
+        asr_all = attack_success_rates(preds[slot], labels, data.num_classes)
+        null_all = attack_success_rates(preds[slot + 1], labels, data.num_classes)
+        t = int(asr_all.argmax()) if target is None else target
+        asr, null = float(asr_all[t]), float(null_all[t])
+        results.append(TriggerResult(
+            trigger=trig.name, spec=trig.spec(), paper=trig.paper, target=t,
+            target_name=data.class_names[t], target_fixed=target is not None, asr=asr,
+            null_asr=null, robust_accuracy=float((preds[slot] == labels).float().mean()),
+            asr_per_class=[round(float(v), 6) for v in asr_all], flagged=gates.flags(asr, null)))
+    return ScanResult(clean_accuracy=clean_acc, n_images=len(data), triggers=results)
