@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from bdaudit.checkpoint import LoadedModel, load_model
+from bdaudit.clean import CleanGates, clean_reasons, clean_section, run_defense, save_cleaned
 from bdaudit.data import DataSplit, resolve_data
+from bdaudit.defenses import DefenseContext, create_defense
+from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.errors import BdauditError
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
@@ -84,3 +87,60 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
         gates={"fail_asr": gates.fail_asr, "null_margin": gates.null_margin},
         sections={"scan": scan_section(result)}, reasons=scan_reasons(result, gates),
         wall_time_s=time.perf_counter() - started)
+
+
+def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
+          method: str = "sft", settings: dict[str, Any] | None = None, scope: str = "full",
+          triggers: Sequence[str] = (), triggers_file: str | Path | None = None,
+          target: int | None = None, gates: CleanGates | None = None,
+          runtime: Runtime | None = None, model_flags: dict[str, Any] | None = None,
+          model_config: str | Path | None = None, force: bool = False,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Report:
+    """Remove a backdoor from a copy of the model; ``out`` (if given) receives the cleaned
+    checkpoint, written atomically and never over the input."""
+    started = time.perf_counter()
+    runtime = runtime or Runtime()
+    gates = gates or CleanGates()
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not force:
+        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
+    if out is not None and out.suffix != ".safetensors":
+        raise BdauditError(f"output {out} must end in .safetensors")
+    if out is not None and Path(model_path).exists() and out.exists() and \
+            out.resolve() == Path(model_path).resolve():
+        raise BdauditError("--out is the input model; bdaudit never overwrites its input")
+    defense = create_defense(method, settings)
+    device = resolve_device(runtime.device)
+    gen = seed_everything(runtime.seed)
+    loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
+    chosen = select_triggers(loaded, triggers, triggers_file)
+    outcome = run_defense(defense, loaded, split, chosen, scope=scope, device=device, gen=gen,
+                          batch_size=runtime.batch_size, gates=gates, target=target,
+                          on_epoch=on_epoch)
+    if out is not None:
+        save_cleaned(outcome, loaded, split, defense, scope, out, force)
+    return Report(
+        kind="clean", model=model_section(loaded), data=split.info,
+        environment=environment_info(device, runtime.seed), gates=gates.to_dict(),
+        sections={"scan": scan_section(outcome.after),
+                  "clean": clean_section(defense, scope, outcome, out)},
+        reasons=clean_reasons(outcome, gates), wall_time_s=time.perf_counter() - started)
+
+
+def plan_schedule(model_path: str | Path, data: DataOptions, *, method: str = "sft",
+                  settings: dict[str, Any] | None = None, scope: str = "full",
+                  runtime: Runtime | None = None, model_flags: dict[str, Any] | None = None,
+                  model_config: str | Path | None = None) -> dict[str, Any]:
+    """The SFT schedule ``clean`` would use (running the LR range test if needed), untrained."""
+    runtime = runtime or Runtime()
+    defense = create_defense(method, settings)
+    if not isinstance(defense, SuperFineTuning):
+        raise BdauditError("--show-schedule applies to --method sft")
+    device = resolve_device(runtime.device)
+    gen = seed_everything(runtime.seed)
+    loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
+    ctx = DefenseContext(classifier=loaded.classifier(), config=loaded.config, tune=split.tune,
+                         device=device, gen=gen, scope=scope)
+    peak1, selection = choose_peak1(ctx, defense.settings)
+    schedule = build_schedule(defense.settings, len(split.tune), peak1)
+    return {"schedule": schedule, "peak_selection": selection}

@@ -6,6 +6,7 @@ through ``torch.load(weights_only=True)``; a file that needs more is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import os
@@ -177,27 +178,22 @@ def load_model(path: str | Path, flags: dict[str, Any] | None = None,
         raise CheckpointError(f"model config {sidecar_path} does not exist")
     sidecar = read_sidecar(sidecar_path) if sidecar_path.is_file() else {}
     config = resolve_model_config(metadata, sidecar, flags or {}, str(path))
-    if config.head is None:
-        config = _with_timm_head(config)
     aux = {k[len(AUX_PREFIX):]: v for k, v in state.items() if k.startswith(AUX_PREFIX)}
     state = _strip_prefixes({k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)})
     net = build_model(config)
     load_state_strict(net, state, str(path))
     net.eval()
+    if config.head is None:
+        config = with_head_from_model(config, net)
     return LoadedModel(net=net, config=config, path=path, sha256=file_sha256(path), aux=aux)
 
 
-def _with_timm_head(config: ModelConfig) -> ModelConfig:
+def with_head_from_model(config: ModelConfig, net: nn.Module) -> ModelConfig:
     """Fill the head boundary from timm's pretrained_cfg (e.g. ``fc`` or ``head``)."""
-    import dataclasses
-
-    if ":" in config.arch or not timm.is_model(config.arch):
-        return config
-    try:
-        head = timm.models.get_pretrained_cfg_value(config.arch, "classifier")
-    except (RuntimeError, KeyError, AttributeError):
-        head = None
-    return dataclasses.replace(config, head=head if isinstance(head, str) else None)
+    head = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(head, str) and head in dict(net.named_modules()):
+        return dataclasses.replace(config, head=head)
+    return config
 
 
 @contextmanager

@@ -33,8 +33,55 @@ def scan_table(scan: dict[str, Any], title: str = "Trigger probes") -> Table:
     return table
 
 
+def clean_tables(clean: dict[str, Any]) -> list[Any]:
+    before, after = clean["before"], clean["after"]
+    table = Table(title=f"{clean['method']} ({clean['scope']} model) — before vs after cleaning, "
+                        f"{clean['seconds']:.0f}s")
+    for column in ("", "target", "before", "after"):
+        table.add_column(column, justify="left" if column in ("", "target") else "right")
+    table.add_row("clean accuracy", "", _pct(before["clean_accuracy"]), _pct(after["clean_accuracy"]))
+    for b, a in zip(before["triggers"], after["triggers"], strict=True):
+        if b["error"]:
+            continue
+        style = "[bold red]" if a["flagged"] else "[green]"
+        table.add_row(f"ASR {b['spec']}", str(b["target_name"]), _pct(b["asr"]), style + _pct(a["asr"]))
+    renderables: list[Any] = [table]
+    schedule = clean["hyperparameters"].get("schedule")
+    if schedule:
+        renderables.append(schedule_line(schedule, clean["hyperparameters"].get("peak_selection", {})))
+    return renderables
+
+
+def schedule_line(schedule: dict[str, Any], selection: dict[str, Any]) -> str:
+    source = selection.get("source", "given")
+    return (f"SFT schedule: {schedule['total_steps']} steps, cycles of {schedule['cycle_steps']}; "
+            f"phase 1 peak {schedule['lr_peak1']:.3g} ({source}), phase 2 peak "
+            f"{schedule['lr_peak2']:.3g}, base {schedule['lr_base']:.3g}, phase 1 = first "
+            f"{schedule['phase1_fraction']:.0%}")
+
+
+def render_schedule(plan: dict[str, Any], console: Console) -> None:
+    """Print the planned schedule: a summary line and the rate at each step, bucketed."""
+    from dataclasses import asdict
+
+    schedule = plan["schedule"]
+    console.print(schedule_line(asdict(schedule), plan["peak_selection"]))
+    table = Table(title="learning rate by step")
+    table.add_column("step", justify="right")
+    table.add_column("phase", justify="right")
+    table.add_column("lr", justify="right")
+    table.add_column("", justify="left")
+    top = max(schedule.lr_peak1, schedule.lr_peak2)
+    stride = max(1, schedule.cycle_steps // 4)
+    for step in range(0, schedule.total_steps, stride):
+        rate = schedule(step)
+        table.add_row(str(step), str(schedule.phase(step)), f"{rate:.4g}", "█" * round(30 * rate / top))
+    console.print(table)
+
+
 SECTION_RENDERERS: dict[str, Callable[[dict[str, Any]], list[Any]]] = {
     "scan": lambda section: [scan_table(section)],
+    "clean": clean_tables,
 }
 
 
@@ -45,6 +92,8 @@ def render_report(report: Report, console: Console) -> None:
                   f"{model['parameters']:,} parameters, {model['num_classes']} classes; "
                   f"class order from {payload['data']['class_order']})")
     for name, section in report.sections.items():
+        if name == "scan" and "clean" in report.sections:
+            continue  # the clean tables show the same scan beside the "before" one
         for renderable in SECTION_RENDERERS.get(name, lambda _s: [])(section):
             console.print(renderable)
     if report.passed:

@@ -106,12 +106,15 @@ def _fits(trigger: Trigger, data: ImageSet) -> str | None:
 def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[Trigger], *,
                       device: torch.device, batch_size: int = 256, target: int | None = None,
                       gates: Gates | None = None, advance: Callable[[int], None] | None = None,
-                      ) -> ScanResult:
+                      targets: Sequence[int | None] | None = None) -> ScanResult:
     """Clean accuracy plus, per trigger, ASR at the suspected (or given) target, the matched
-    null rate and robust accuracy."""
+    null rate and robust accuracy. ``targets`` fixes a target per trigger (e.g. the ones found
+    before cleaning); otherwise ``target`` applies to all, and None searches."""
     gates = gates or Gates()
-    if target is not None and not 0 <= target < data.num_classes:
-        raise BdauditError(f"--target {target} is not a class index (0..{data.num_classes - 1})")
+    per_trigger = list(targets) if targets is not None else [target] * len(triggers)
+    for fixed in per_trigger:
+        if fixed is not None and not 0 <= fixed < data.num_classes:
+            raise BdauditError(f"--target {fixed} is not a class index (0..{data.num_classes - 1})")
     usable = [t for t in triggers if _fits(t, data) is None]
     transforms: list[Callable] = [_identity]
     for trig in usable:
@@ -121,7 +124,7 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
     clean_acc = float((preds[0] == labels).float().mean())
     results = []
     by_name = {id(t): i for i, t in enumerate(usable)}
-    for trig in triggers:
+    for trig, target in zip(triggers, per_trigger, strict=True):
         if id(trig) not in by_name:
             results.append(TriggerResult(trig.name, trig.spec(), trig.paper, target, None,
                                          target is not None, None, None, None,

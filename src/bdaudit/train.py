@@ -60,10 +60,13 @@ def train(classifier: nn.Module, data: ImageSet, *, epochs: int, batch_size: int
           device: torch.device, augment: Augment | None = None,
           batch_transform: BatchTransform | None = None,
           on_epoch: EpochCallback | None = None, on_step: Callable[[], None] | None = None,
-          ) -> None:
-    """Cross-entropy training over shuffled batches; ``lr_at(step)`` sets every group's rate."""
+          set_modes: Callable[[], None] | None = None) -> None:
+    """Cross-entropy training over shuffled batches; ``lr_at(step)`` sets every group's rate.
+    Only parameters with ``requires_grad`` in ``optimizer`` move."""
     # channels_last speeds convolutions up ~1.4-4x on CPU and is neutral or better elsewhere.
     classifier.to(device, memory_format=torch.channels_last).train()
+    if set_modes is not None:  # e.g. keep a frozen body's BatchNorm in eval mode
+        set_modes()
     step = 0
     for epoch in range(epochs):
         order = torch.randperm(len(data), generator=gen)

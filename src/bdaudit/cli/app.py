@@ -129,3 +129,27 @@ def consoles(json_out: str | None, quiet: bool) -> tuple[Console, bool]:
     """Tables go to stderr when stdout carries JSON; returns (console, show_tables)."""
     console = Console(stderr=json_out == "-", highlight=False)
     return console, not quiet
+
+
+def merge_config(ctx: typer.Context, config: Path | None, values: dict[str, Any]) -> dict[str, Any]:
+    """``--config FILE.yaml``: its keys (flag names) fill every flag not given on the command
+    line; a flag typed explicitly wins."""
+    if config is None:
+        return values
+    import yaml
+    from click.core import ParameterSource
+
+    try:
+        loaded = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BdauditError(f"cannot read --config {config}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise BdauditError(f"--config {config} must be a YAML mapping of flag names to values")
+    merged = dict(values)
+    for raw_key, value in loaded.items():
+        key = str(raw_key).lstrip("-").replace("-", "_")
+        if key not in values or key in ("config", "model"):
+            raise BdauditError(f"--config {config}: '{raw_key}' is not a flag of this command")
+        if ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+            merged[key] = value
+    return merged

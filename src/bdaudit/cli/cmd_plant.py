@@ -1,0 +1,86 @@
+"""``bdaudit plant``: make backdoored (or clean reference) models to test defenses with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed, app, guarded
+from bdaudit.errors import BdauditError
+from bdaudit.plant import PlantResult, TrainSettings
+from bdaudit.plant import plant as plant_standalone
+
+PARADIGMS = ("standalone", "transfer", "encoder")
+
+
+def parse_params(text: str | None) -> dict[str, str]:
+    """``key=value,key=value`` → dict (values are coerced by the trigger's field types)."""
+    params: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BdauditError(f"--trigger-params item '{item}' is not key=value")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def show_result(result: PlantResult, console: Console) -> None:
+    table = Table(title=f"planted {result.path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+@guarded
+def plant(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Clean training images, DIR/<class>/*.",
+                                       show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors.", show_default=False)],
+    attack: Annotated[str, typer.Option(help="Attack name (bdaudit triggers / README), or 'none' for "
+                                        "a clean reference.")] = "badnets",
+    target: Annotated[int, typer.Option(help="Target class index.")] = 0,
+    poison_rate: Annotated[float, typer.Option(help="Share of training images poisoned (clean-label "
+                                               "attacks: share of target-class images).")] = 0.1,
+    trigger_params: Annotated[str | None, typer.Option(help="Trigger parameters, key=value,...")] = None,
+    arch: Annotated[str, typer.Option(help="timm architecture.")] = "bd_cnn_small",
+    paradigm: Annotated[str, typer.Option(help="standalone, transfer or encoder.")] = "standalone",
+    upstream: Annotated[Path | None, typer.Option(help="transfer: the backdoored upstream model "
+                                                  "(default: plant one on --data first).")] = None,
+    downstream_data: Annotated[Path | None, typer.Option(help="transfer: the victim's clean data.")] = None,
+    mode: Annotated[str, typer.Option(help="transfer: fine-tune the full model or the head only.")] = "full",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, cosine).")] = 0.05,
+    hflip: Annotated[bool, typer.Option(help="Allow horizontal flips (never for digits/text).")] = False,
+    half: Annotated[bool, typer.Option(help="Store weights as fp16 (smaller files).")] = False,
+    eval_data: EvalDir = None,
+    holdout: Holdout = 0.2,
+    batch_size: BatchSize = 128,
+    device: Device = "auto",
+    seed: Seed = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Train a backdoored model on clean data (or a clean reference with --attack none)."""
+    if paradigm not in PARADIGMS:
+        raise BdauditError(f"--paradigm must be one of {', '.join(PARADIGMS)}, not '{paradigm}'")
+    console = Console(highlight=False)
+    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, hflip=hflip)
+
+    def progress(epoch: int, loss: float) -> None:
+        if not quiet:
+            console.print(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}")
+
+    result = plant_standalone(data, out, attack=attack, target=target, poison_rate=poison_rate,
+                              arch=arch, trigger_params=parse_params(trigger_params),
+                              settings=settings, eval_dir=eval_data, holdout=holdout, seed=seed,
+                              device=device, force=force, half=half, on_epoch=progress)
+    if not quiet:
+        show_result(result, console)

@@ -1,0 +1,125 @@
+"""The defense interface and registry (BackdoorBox-style: one file per defense, same verbs).
+
+A defense receives a ``DefenseContext`` — the classifier (taking [0, 1] images), the clean
+tuning data, the scope and runtime — mutates the classifier in place, and returns the
+hyper-parameters it actually used (for provenance and the report). Each defense documents what
+it needs beyond clean data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bdaudit.config import ModelConfig
+from bdaudit.data import ImageSet
+from bdaudit.errors import BdauditError
+
+DEFENSES: dict[str, type[Defense]] = {}
+SCOPES = ("full", "head")
+
+# Called after each epoch with (epoch, lr at the end of the epoch, mean training loss).
+EpochHook = Callable[[int, float, float], None]
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    DEFENSES[cls.name] = cls
+    return cls
+
+
+@dataclass
+class DefenseContext:
+    """What every defense may use."""
+
+    classifier: nn.Module  # NormalizedClassifier: takes images in [0, 1]
+    config: ModelConfig
+    tune: ImageSet
+    device: torch.device
+    gen: torch.Generator
+    scope: str = "full"
+    on_epoch: EpochHook | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.classifier.net  # type: ignore[return-value]
+
+    def set_train_modes(self) -> None:
+        """Head scope: the frozen body stays in eval mode so its BatchNorm statistics don't move."""
+        if self.scope == "head":
+            self.net.eval()
+            head_module(self.net, self.config).train()
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """All parameters (scope full) or only the head's (scope head); freezes the rest."""
+        if self.scope == "full":
+            yield from self.net.parameters()
+            return
+        head = head_module(self.net, self.config)
+        head_ids = {id(p) for p in head.parameters()}
+        for param in self.net.parameters():
+            param.requires_grad_(id(param) in head_ids)
+        yield from head.parameters()
+
+
+def head_module(net: nn.Module, config: ModelConfig) -> nn.Module:
+    """The classifier head named by the config (the encoder/head boundary)."""
+    if not config.head:
+        raise BdauditError("--scope head needs a recorded head: this model's metadata names none; "
+                           "add 'head: <module name>' to its YAML config or use --scope full")
+    try:
+        return net.get_submodule(config.head)
+    except AttributeError:
+        raise BdauditError(f"the model has no module '{config.head}' (its recorded head); "
+                           "fix 'head' in the model config or use --scope full") from None
+
+
+class Defense:
+    """Base class: set ``name``, ``paper``, ``needs``, ``settings_cls``; implement ``run``."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs: ClassVar[str] = "clean labelled data"
+    settings_cls: ClassVar[type] = object
+
+    def __init__(self, settings: Any = None) -> None:
+        self.settings = settings if settings is not None else self.settings_cls()
+
+    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def create_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
+    """Build a registered defense from knob values (flags or YAML), checking names and types."""
+    if name not in DEFENSES:
+        raise BdauditError(f"unknown method '{name}'; choose one of {', '.join(sorted(DEFENSES))}")
+    cls = DEFENSES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls.settings_cls)}
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise BdauditError(f"method {name} has no setting(s) {', '.join(unknown)}; its settings are "
+                           f"{', '.join(fields)}")
+    try:
+        return cls(cls.settings_cls(**{k: _coerce(v, fields[k].type) for k, v in params.items()}))
+    except (TypeError, ValueError) as exc:
+        raise BdauditError(f"method {name}: bad setting ({exc})") from None
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    text = str(annotation)
+    if isinstance(value, str):
+        if text.startswith("int"):
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+        if text.startswith("bool"):
+            return value.lower() in ("1", "true", "yes", "on")
+    if text.startswith("float") and isinstance(value, int):
+        return float(value)
+    return value

@@ -1,0 +1,82 @@
+"""The learning-rate range test (Smith 2017, "Cyclical Learning Rates for Training Neural
+Networks"; Smith & Topin 2019, "Super-Convergence") run on the clean tuning data.
+
+SFT needs a phase-1 peak high enough to throw the weights out of the backdoor's basin but not so
+high that the model collapses; that rate depends on the architecture (a BN-free CNN diverges
+where a BN ResNet is fine), so bdaudit measures it per model instead of fixing it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from bdaudit.defenses.base import DefenseContext
+from bdaudit.train import Augment, make_optimizer
+
+
+@dataclass
+class RangeTest:
+    """Loss as the rate grows exponentially; ``escape_lr`` is where the trained model starts to
+    leave its basin, ``diverge_lr`` where it collapses to chance-level loss."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    start_loss: float = float("nan")
+    escape_lr: float | None = None
+    diverge_lr: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"escape_lr": self.escape_lr, "diverge_lr": self.diverge_lr,
+                "start_loss": self.start_loss,
+                "curve": [[round(lr, 8), round(loss, 5)] for lr, loss in zip(self.lrs, self.losses,
+                                                                              strict=True)]}
+
+
+def lr_range_test(ctx: DefenseContext, *, lr_min: float = 1e-4, lr_max: float = 10.0,
+                  steps: int = 80, batch_size: int = 64, momentum: float = 0.9,
+                  weight_decay: float = 5e-4, smoothing: float = 0.7) -> RangeTest:
+    """Run the test on a copy of the classifier (the original is untouched)."""
+    model = copy.deepcopy(ctx.classifier).to(ctx.device).train()
+    ctx_copy = copy.copy(ctx)
+    ctx_copy.classifier = model
+    ctx_copy.set_train_modes()
+    params = list(ctx_copy.trainable_parameters())
+    optimizer = make_optimizer(params, "sgd", lr_min, momentum, weight_decay)
+    augment = Augment(2, ctx.config.hflip)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.gen)))
+    chance = math.log(max(2, ctx.config.num_classes))
+    result = RangeTest()
+    smoothed, order = None, torch.empty(0, dtype=torch.long)
+    for step in range(steps):
+        lr = lr_min * (lr_max / lr_min) ** (step / max(1, steps - 1))
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(ctx.tune), generator=gen)])
+        index, order = order[:batch_size], order[batch_size:]
+        x = augment(ctx.tune.images[index].float().div(255), gen).to(ctx.device)
+        y = ctx.tune.labels[index].to(ctx.device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            result.diverge_lr = result.diverge_lr or lr
+            break
+        smoothed = value if smoothed is None else smoothing * smoothed + (1 - smoothing) * value
+        if step == 0:
+            result.start_loss = value
+        result.lrs.append(lr)
+        result.losses.append(smoothed)
+        if result.escape_lr is None and smoothed > 2 * result.start_loss + 0.1:
+            result.escape_lr = lr
+        if smoothed > chance:
+            result.diverge_lr = lr
+            break
+    return result

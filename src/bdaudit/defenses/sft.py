@@ -1,0 +1,88 @@
+"""Super-fine-tuning (Sha et al. 2022, "Fine-Tuning Is All You Need to Mitigate Backdoor
+Attacks", arXiv:2212.09067): fine-tune the whole model on clean data under a two-phase cyclic
+learning rate — a high peak to leave the backdoor's basin, then a low peak to recover accuracy.
+
+bdaudit's change to the paper: the phase-1 peak is not a constant but is measured per model with
+the LR range test (``lr_range.py``), because a rate that cleans one architecture collapses
+another. The phase-2 peak and the base follow from it by fixed ratios.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.lr_range import lr_range_test
+from bdaudit.defenses.tuning import TuneSettings, fine_tune
+from bdaudit.errors import BdauditError
+from bdaudit.schedules import TwoPhaseCyclic
+from bdaudit.train import steps_per_epoch
+
+# Chosen on the benchmark (benchmarks/README.md, "SFT peak selection").
+PEAK1_FROM_DIVERGENCE = 0.5
+PEAK2_FROM_PEAK1 = 0.01
+BASE_FROM_PEAK2 = 0.1
+FALLBACK_PEAK1 = 0.1  # the ports' value, used when the range test never diverges
+
+
+@dataclass(frozen=True)
+class SFTSettings(TuneSettings):
+    """SFT knobs; a ``None`` rate is derived (peak1 from the LR range test)."""
+
+    lr_base: float | None = None
+    lr_peak1: float | None = None
+    lr_peak2: float | None = None
+    phase1_fraction: float = 0.4
+    cycle_epochs: float = 2.0  # cycle length in epochs of the clean subset: scales with its size
+    cycle_iters: int | None = None  # overrides cycle_epochs
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("lr_base", "lr_peak1", "lr_peak2"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 10.0:
+                raise BdauditError(f"--{name.replace('_', '-')} must be in (0, 10], not {value}")
+        if not 0.0 < self.phase1_fraction < 1.0:
+            raise BdauditError(f"--phase1-fraction must be in (0, 1), not {self.phase1_fraction}")
+        if self.cycle_epochs <= 0 or (self.cycle_iters is not None and self.cycle_iters < 2):
+            raise BdauditError("--cycle-epochs must be > 0 and --cycle-iters at least 2")
+
+
+def build_schedule(settings: SFTSettings, n_images: int, peak1: float) -> TwoPhaseCyclic:
+    """The SFT schedule for a clean subset of ``n_images`` (the pure function the report shows)."""
+    per_epoch = steps_per_epoch(n_images, settings.batch_size)
+    peak2 = settings.lr_peak2 or peak1 * PEAK2_FROM_PEAK1
+    base = settings.lr_base or min(peak2 * BASE_FROM_PEAK2, peak1)
+    cycle = settings.cycle_iters or max(2, round(settings.cycle_epochs * per_epoch))
+    return TwoPhaseCyclic(total_steps=settings.epochs * per_epoch, lr_base=base, lr_peak1=peak1,
+                          lr_peak2=max(peak2, base), cycle_steps=cycle,
+                          phase1_fraction=settings.phase1_fraction)
+
+
+def choose_peak1(ctx: DefenseContext, settings: SFTSettings) -> tuple[float, dict[str, Any]]:
+    """``lr_peak1`` if given, else a fixed fraction of the rate where the range test diverges."""
+    if settings.lr_peak1 is not None:
+        return settings.lr_peak1, {"source": "given"}
+    test = lr_range_test(ctx, batch_size=settings.batch_size, momentum=settings.momentum,
+                         weight_decay=settings.weight_decay)
+    if test.diverge_lr is None:
+        return FALLBACK_PEAK1, {"source": "fallback (range test did not diverge)", **test.to_dict()}
+    return test.diverge_lr * PEAK1_FROM_DIVERGENCE, {"source": "lr range test", **test.to_dict()}
+
+
+@register_defense
+class SuperFineTuning(Defense):
+    name = "sft"
+    paper = "Sha et al. 2022, Fine-Tuning Is All You Need to Mitigate Backdoor Attacks (arXiv:2212.09067)"
+    needs = "clean labelled data (no knowledge of the trigger or target)"
+
+    settings_cls = SFTSettings
+    settings: SFTSettings
+
+    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+        peak1, selection = choose_peak1(ctx, self.settings)
+        schedule = build_schedule(self.settings, len(ctx.tune), peak1)
+        fine_tune(ctx, self.settings, schedule)
+        return {"settings": asdict(self.settings), "schedule": asdict(schedule),
+                "peak_selection": selection}

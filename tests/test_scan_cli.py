@@ -1,0 +1,106 @@
+"""``bdaudit scan`` end to end: detection, gates, exit codes, the JSON contract, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import assert_usage_error, invoke, read_report
+
+from bdaudit import api
+from bdaudit.plant import PlantResult
+
+
+def test_backdoored_model_is_flagged_with_its_target(badnets_model: PlantResult, eval_dir: Path,
+                                                     tmp_path: Path) -> None:
+    result = invoke("scan", badnets_model.path, "--data", eval_dir, "--json", tmp_path / "r.json",
+                    "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    report = read_report(tmp_path / "r.json")
+    badnets = next(t for t in report["scan"]["triggers"] if t["trigger"] == "badnets")
+    assert badnets["asr"] >= 0.9 and badnets["target"] == 0 and badnets["flagged"]
+    assert report["verdict"]["status"] == "fail" and "badnets" in report["verdict"]["reasons"][0]
+    assert report["model"]["sha256"] and report["model"]["parameters"] > 0
+    assert report["data"]["class_order"] == "model"
+    assert "BACKDOOR" in result.output
+
+
+def test_clean_model_passes(clean_model: PlantResult, eval_dir: Path, tmp_path: Path) -> None:
+    result = invoke("scan", clean_model.path, "--data", eval_dir, "--json", tmp_path / "r.json",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    assert report["verdict"] == {"status": "pass", "reasons": []}
+    for trig in report["scan"]["triggers"]:
+        assert trig["asr"] - trig["null_asr"] <= 0.1, trig
+
+
+def test_json_to_stdout_is_pure_json(badnets_model: PlantResult, eval_dir: Path) -> None:
+    result = invoke("scan", badnets_model.path, "--data", eval_dir, "--json", "-", "--trigger",
+                    "badnets", "--device", "cpu")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert [t["spec"] for t in report["scan"]["triggers"]] == ["badnets"]
+
+
+def test_fixed_target_and_gate_threshold(badnets_model: PlantResult, eval_dir: Path) -> None:
+    data = api.DataOptions(eval_dir)
+    fixed = api.scan(badnets_model.path, data, triggers=["badnets"], target=3,
+                     runtime=api.Runtime("cpu"))
+    row = fixed.sections["scan"]["triggers"][0]
+    assert row["target"] == 3 and row["target_fixed"] and row["asr"] < 0.3 and fixed.passed
+
+
+def test_same_seed_same_numbers(badnets_model: PlantResult, eval_dir: Path) -> None:
+    def numbers() -> list:
+        report = api.scan(badnets_model.path, api.DataOptions(eval_dir), runtime=api.Runtime("cpu", 64, 7))
+        return [(t["asr"], t["null_asr"]) for t in report.sections["scan"]["triggers"]]
+
+    assert numbers() == numbers()
+
+
+def test_trigger_that_does_not_fit_is_reported_not_fatal(badnets_model: PlantResult, eval_dir: Path) -> None:
+    report = api.scan(badnets_model.path, api.DataOptions(eval_dir), triggers=["badnets:size=40"],
+                      runtime=api.Runtime("cpu"))
+    row = report.sections["scan"]["triggers"][0]
+    assert row["asr"] is None and "does not fit" in row["error"]
+
+
+def test_schema_command_prints_the_schema() -> None:
+    result = invoke("schema")
+    assert json.loads(result.stdout)["title"] == "bdaudit report"
+
+
+def test_triggers_command_lists_the_library() -> None:
+    result = invoke("triggers", "--json")
+    names = {row["name"] for row in json.loads(result.stdout)}
+    assert {"badnets", "blended", "sig", "wanet", "lowfreq", "trojannn", "custom"} <= names
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--trigger", "nosuch"], "unknown trigger 'nosuch'"),
+    (["--trigger", "badnets:size=big"], "size='big' is not a int"),
+    (["--target", "12"], "--target 12 is not a class index"),
+    (["--device", "tpu"], "--device must be one of"),
+    (["--fail-asr", "0"], "--fail-asr must be in"),
+    (["--holdout", "2"], "--holdout must be between 0 and 1"),
+])
+def test_bad_options_exit_2(badnets_model: PlantResult, eval_dir: Path, extra: list[str],
+                            fragment: str) -> None:
+    assert_usage_error(invoke("scan", badnets_model.path, "--data", eval_dir, *extra), fragment)
+
+
+def test_bad_model_and_data_exit_2(badnets_model: PlantResult, tmp_path: Path, eval_dir: Path) -> None:
+    assert_usage_error(invoke("scan", tmp_path / "none.safetensors", "--data", eval_dir), "does not exist")
+    assert_usage_error(invoke("scan", badnets_model.path, "--data", tmp_path / "nodata"), "does not exist")
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage")
+    assert_usage_error(invoke("scan", tmp_path / "junk.safetensors", "--data", eval_dir),
+                       "not a readable safetensors file")
+
+
+def test_debug_shows_the_traceback(badnets_model: PlantResult, tmp_path: Path) -> None:
+    from bdaudit.errors import DataError
+
+    with pytest.raises(DataError):
+        invoke("scan", badnets_model.path, "--data", tmp_path / "nodata", "--debug")
