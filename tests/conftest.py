@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "sample_data" / "mnist"
 TINY_SETTINGS = TrainSettings(epochs=8, lr=0.05, batch_size=64)
 
-torch.set_num_threads(2)
+# One thread: small models gain nothing from more, and oversubscribed threads crawl under load.
+torch.set_num_threads(1)
 
 
 def copy_subset(source: Path, dest: Path, per_class: int) -> Path:

@@ -20,8 +20,6 @@ from bdaudit.triggers import (
 )
 from bdaudit.triggers.base import seeded_pattern
 
-torch.set_num_threads(1)
-
 DEFAULT_NAMES = sorted(t.name for t in default_triggers())
 SHAPES = [(2, 1, 28, 28), (2, 3, 32, 32), (2, 3, 8, 8)]
 # Families whose default geometry cannot fit an 8x8 image (they must say so, not misbehave).

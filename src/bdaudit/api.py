@@ -11,13 +11,14 @@ from typing import Any
 
 from bdaudit.checkpoint import LoadedModel, load_model
 from bdaudit.clean import CleanGates, clean_reasons, clean_section, run_defense, save_cleaned
-from bdaudit.data import DataSplit, resolve_data
+from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_data, resolve_preprocessing
 from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.errors import BdauditError
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
 from bdaudit.scan import Gates, evaluate_triggers
+from bdaudit.sequela.audit import SequelaGates, audit_sequela, reinjection_probe, sequela_reasons
 from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
 from bdaudit.triggers.base import model_triggers
 
@@ -35,6 +36,16 @@ class Runtime:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise BdauditError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class SequelaOptions:
+    """What the sequela audit may use beyond the clean data."""
+
+    members: Path | None = None  # known training samples of the original model
+    reference: Path | None = None  # a clean reference model of the same kind
+    gates: SequelaGates = SequelaGates()
+    reinjection: dict[str, Any] | None = None  # retuning-attack settings (budget_steps, lr, ...)
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,8 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
           target: int | None = None, gates: CleanGates | None = None,
           runtime: Runtime | None = None, model_flags: dict[str, Any] | None = None,
           model_config: str | Path | None = None, force: bool = False,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Report:
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          sequela: SequelaOptions | None = None) -> Report:
     """Remove a backdoor from a copy of the model; ``out`` (if given) receives the cleaned
     checkpoint, written atomically and never over the input."""
     started = time.perf_counter()
@@ -117,14 +129,25 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     outcome = run_defense(defense, loaded, split, chosen, scope=scope, device=device, gen=gen,
                           batch_size=runtime.batch_size, gates=gates, target=target,
                           on_epoch=on_epoch)
+    sections = {"scan": scan_section(outcome.after), "clean": clean_section(defense, scope, outcome, out)}
+    reasons = clean_reasons(outcome, gates)
+    all_gates: dict[str, float | None] = gates.to_dict()
+    if sequela is not None:
+        models = {"model": outcome.classifier, "original": loaded.classifier(),
+                  **_reference(sequela, model_flags, model_config)}
+        section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
+                                probe=reinjection_probe(outcome.before, chosen), device=device,
+                                seed=runtime.seed, members=_members(sequela, loaded),
+                                reinjection=sequela.reinjection)
+        sections["sequela"] = section
+        reasons += sequela_reasons(section, sequela.gates)
+        all_gates.update(sequela.gates.to_dict())
     if out is not None:
         save_cleaned(outcome, loaded, split, defense, scope, out, force)
     return Report(
         kind="clean", model=model_section(loaded), data=split.info,
-        environment=environment_info(device, runtime.seed), gates=gates.to_dict(),
-        sections={"scan": scan_section(outcome.after),
-                  "clean": clean_section(defense, scope, outcome, out)},
-        reasons=clean_reasons(outcome, gates), wall_time_s=time.perf_counter() - started)
+        environment=environment_info(device, runtime.seed), gates=all_gates, sections=sections,
+        reasons=reasons, wall_time_s=time.perf_counter() - started)
 
 
 def plan_schedule(model_path: str | Path, data: DataOptions, *, method: str = "sft",
@@ -144,3 +167,48 @@ def plan_schedule(model_path: str | Path, data: DataOptions, *, method: str = "s
     peak1, selection = choose_peak1(ctx, defense.settings)
     schedule = build_schedule(defense.settings, len(split.tune), peak1)
     return {"schedule": schedule, "peak_selection": selection}
+
+
+def _reference(options: SequelaOptions, model_flags: dict[str, Any] | None,
+               model_config: str | Path | None) -> dict[str, Any]:
+    if options.reference is None:
+        return {}
+    return {"reference": load_model(options.reference, model_flags, model_config).classifier()}
+
+
+def _members(options: SequelaOptions, loaded: LoadedModel) -> ImageSet | None:
+    if options.members is None:
+        return None
+    return load_image_folder(options.members, resolve_preprocessing(loaded.config),
+                             loaded.config.class_names)
+
+
+def sequela(model_path: str | Path, data: DataOptions, *, original: str | Path | None = None,
+            options: SequelaOptions | None = None, triggers: Sequence[str] = (),
+            triggers_file: str | Path | None = None, target: int | None = None,
+            runtime: Runtime | None = None, model_flags: dict[str, Any] | None = None,
+            model_config: str | Path | None = None) -> Report:
+    """Membership exposure and re-injection speed of MODEL (members: the tuning part of
+    ``data``, or ``options.members``), beside its ``original`` and a clean ``reference``."""
+    started = time.perf_counter()
+    runtime = runtime or Runtime()
+    options = options or SequelaOptions()
+    device = resolve_device(runtime.device)
+    seed_everything(runtime.seed)
+    loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
+    models: dict[str, Any] = {"model": loaded.classifier()}
+    probe_model = loaded.classifier()
+    if original is not None:
+        models["original"] = probe_model = load_model(original, model_flags, model_config).classifier()
+    models.update(_reference(options, model_flags, model_config))
+    chosen = select_triggers(loaded, triggers, triggers_file)
+    found = evaluate_triggers(probe_model, split.heldout, chosen, device=device,
+                              batch_size=runtime.batch_size, target=target)
+    section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
+                            probe=reinjection_probe(found, chosen), device=device, seed=runtime.seed,
+                            members=_members(options, loaded), reinjection=options.reinjection)
+    return Report(
+        kind="sequela", model=model_section(loaded), data=split.info,
+        environment=environment_info(device, runtime.seed), gates=options.gates.to_dict(),
+        sections={"sequela": section}, reasons=sequela_reasons(section, options.gates),
+        wall_time_s=time.perf_counter() - started)

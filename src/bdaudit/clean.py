@@ -64,7 +64,8 @@ def check_tuning_data(tune: ImageSet, loaded: LoadedModel) -> None:
 def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, triggers: Sequence[Trigger], *,
                 scope: str, device: torch.device, gen: torch.Generator, batch_size: int,
                 gates: CleanGates, target: int | None = None,
-                on_epoch: Callable[[dict[str, Any]], None] | None = None) -> CleanOutcome:
+                on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                track_history: bool = True) -> CleanOutcome:
     """Scan, clean a copy of the model, scan again at the targets found before."""
     if scope not in SCOPES:
         raise BdauditError(f"--scope must be one of {', '.join(SCOPES)}, not '{scope}'")
@@ -94,7 +95,7 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
             on_epoch(row)
 
     ctx = DefenseContext(classifier=classifier, config=loaded.config, tune=split.tune, device=device,
-                         gen=gen, scope=scope, on_epoch=record)
+                         gen=gen, scope=scope, on_epoch=record if track_history else None)
     used = defense.run(ctx)
     classifier.eval()
     after = evaluate_triggers(classifier, split.heldout, triggers, device=device, batch_size=batch_size,

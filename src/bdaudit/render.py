@@ -65,7 +65,7 @@ def render_schedule(plan: dict[str, Any], console: Console) -> None:
     from dataclasses import asdict
 
     schedule = plan["schedule"]
-    console.print(schedule_line(asdict(schedule), plan["peak_selection"]))
+    console.print(schedule_line(asdict(schedule), plan["peak_selection"]), soft_wrap=True)
     table = Table(title="learning rate by step")
     table.add_column("step", justify="right")
     table.add_column("phase", justify="right")
@@ -79,9 +79,36 @@ def render_schedule(plan: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def sequela_tables(section: dict[str, Any]) -> list[Any]:
+    mia = Table(title="Membership inference (members vs held-out; best of 4 score attacks)")
+    for column in ("member set", "model", "best attack", "AUC", "TPR @ 1% FPR", "members"):
+        mia.add_column(column, justify="left" if column in ("member set", "model", "best attack") else "right")
+    for set_name, results in section["membership"].items():
+        for role, result in results.items():
+            if role == "change":
+                continue
+            best = result["attacks"][result["best_attack"]]
+            mia.add_row(set_name.replace("_", " "), role, result["best_attack"],
+                        f"{result['best_auc']:.3f}", _pct(best["tpr_at_1pct_fpr"]), str(result["n_members"]))
+    renderables: list[Any] = [mia]
+    reinjection = section.get("reinjection")
+    if reinjection:
+        table = Table(title=f"Re-injection: retuning attack with {reinjection['trigger']} → class "
+                            f"{reinjection['target']}")
+        for column in ("model", "ASR before", "ASR after retuning", "steps to 50% ASR", "clean acc after"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for role, result in reinjection["models"].items():
+            steps = result["steps_to_regain"]
+            table.add_row(role, _pct(result["initial_asr"]), _pct(result["final_asr"]),
+                          "not reached" if steps is None else str(steps), _pct(result["final_clean_accuracy"]))
+        renderables.append(table)
+    return renderables
+
+
 SECTION_RENDERERS: dict[str, Callable[[dict[str, Any]], list[Any]]] = {
     "scan": lambda section: [scan_table(section)],
     "clean": clean_tables,
+    "sequela": sequela_tables,
 }
 
 
@@ -95,7 +122,7 @@ def render_report(report: Report, console: Console) -> None:
         if name == "scan" and "clean" in report.sections:
             continue  # the clean tables show the same scan beside the "before" one
         for renderable in SECTION_RENDERERS.get(name, lambda _s: [])(section):
-            console.print(renderable)
+            console.print(renderable, soft_wrap=isinstance(renderable, str))
     if report.passed:
         console.print(f"[bold green]PASS[/] in {report.wall_time_s:.1f}s")
     else:

@@ -137,7 +137,6 @@ def merge_config(ctx: typer.Context, config: Path | None, values: dict[str, Any]
     if config is None:
         return values
     import yaml
-    from click.core import ParameterSource
 
     try:
         loaded = yaml.safe_load(config.read_text()) or {}
@@ -150,6 +149,7 @@ def merge_config(ctx: typer.Context, config: Path | None, values: dict[str, Any]
         key = str(raw_key).lstrip("-").replace("-", "_")
         if key not in values or key in ("config", "model"):
             raise BdauditError(f"--config {config}: '{raw_key}' is not a flag of this command")
-        if ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+        # Compared by name: typer may ship its own copy of click's ParameterSource enum.
+        if getattr(ctx.get_parameter_source(key), "name", "DEFAULT") in ("DEFAULT", "DEFAULT_MAP"):
             merged[key] = value
     return merged

@@ -39,6 +39,14 @@ from bdaudit.cli.app import (
     merge_config,
     model_flags,
 )
+from bdaudit.cli.cmd_sequela import (
+    MaxMiaAuc,
+    MaxReinjection,
+    Members,
+    Reference,
+    ReinjectionSteps,
+    sequela_options,
+)
 from bdaudit.render import render_report, render_schedule
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_NULL_MARGIN, Gates
 
@@ -78,6 +86,12 @@ def clean(
     schedule: Annotated[str | None, typer.Option(help="FT: constant or cosine.",
                                                  rich_help_panel=TUNE)] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of flag values.")] = None,
+    no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
+    members: Members = None,
+    reference: Reference = None,
+    max_mia_auc: MaxMiaAuc = None,
+    max_reinjection_asr: MaxReinjection = None,
+    reinjection_steps: ReinjectionSteps = None,
     show_schedule: Annotated[bool, typer.Option(help="Print the learning-rate schedule and exit.")] = False,
     eval_data: EvalDir = None,
     holdout: Holdout = 0.2,
@@ -134,7 +148,10 @@ def clean(
         v["model"], data_options, v["out"], triggers=v["trigger"] or (),
         triggers_file=v["triggers_file"], target=v["target"],
         gates=CleanGates(Gates(v["fail_asr"], v["null_margin"]), v["max_accuracy_drop"]),
-        force=v["force"], on_epoch=progress, **common)
+        force=v["force"], on_epoch=progress,
+        sequela=None if v["no_sequela"] else sequela_options(
+            v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
+        **common)
     if v["json_out"]:
         report.write_json(v["json_out"])
     if show:

@@ -18,21 +18,25 @@ import torch.nn.functional as F
 from bdaudit.defenses.base import DefenseContext
 from bdaudit.train import Augment, make_optimizer
 
+ESCAPE_RISE = 0.5  # nats above the curve's minimum: predictions are substantially off
+
 
 @dataclass
 class RangeTest:
-    """Loss as the rate grows exponentially; ``escape_lr`` is where the trained model starts to
-    leave its basin, ``diverge_lr`` where it collapses to chance-level loss."""
+    """Loss as the rate grows exponentially. ``escape_lr``: the smoothed loss has risen
+    ``ESCAPE_RISE`` nats above its minimum — the weights are leaving the basin they were trained
+    into; ``diverge_lr``: the loss reached chance level (or overflowed) — the model collapsed."""
 
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     start_loss: float = float("nan")
+    min_loss: float = float("inf")
     escape_lr: float | None = None
     diverge_lr: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {"escape_lr": self.escape_lr, "diverge_lr": self.diverge_lr,
-                "start_loss": self.start_loss,
+                "start_loss": self.start_loss, "min_loss": self.min_loss,
                 "curve": [[round(lr, 8), round(loss, 5)] for lr, loss in zip(self.lrs, self.losses,
                                                                               strict=True)]}
 
@@ -74,7 +78,8 @@ def lr_range_test(ctx: DefenseContext, *, lr_min: float = 1e-4, lr_max: float = 
             result.start_loss = value
         result.lrs.append(lr)
         result.losses.append(smoothed)
-        if result.escape_lr is None and smoothed > 2 * result.start_loss + 0.1:
+        result.min_loss = min(result.min_loss, smoothed)
+        if result.escape_lr is None and smoothed > result.min_loss + ESCAPE_RISE:
             result.escape_lr = lr
         if smoothed > chance:
             result.diverge_lr = lr

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+import torch
+
+from bdaudit.defenses.base import Defense, DefenseContext, head_module, register_defense
 from bdaudit.defenses.lr_range import lr_range_test
 from bdaudit.defenses.tuning import TuneSettings, fine_tune
 from bdaudit.errors import BdauditError
@@ -20,10 +22,10 @@ from bdaudit.schedules import TwoPhaseCyclic
 from bdaudit.train import steps_per_epoch
 
 # Chosen on the benchmark (benchmarks/README.md, "SFT peak selection").
-PEAK1_FROM_DIVERGENCE = 0.5
+PEAK1_FROM_ESCAPE = 0.2
 PEAK2_FROM_PEAK1 = 0.01
 BASE_FROM_PEAK2 = 0.1
-FALLBACK_PEAK1 = 0.1  # the ports' value, used when the range test never diverges
+FALLBACK_PEAK1 = 0.1  # the ports' value, used when the range test never leaves the basin
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class SFTSettings(TuneSettings):
     phase1_fraction: float = 0.4
     cycle_epochs: float = 2.0  # cycle length in epochs of the clean subset: scales with its size
     cycle_iters: int | None = None  # overrides cycle_epochs
+    reinit_head: bool = False  # FST-style (Min et al. 2023): re-initialise the head before tuning
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,14 +64,26 @@ def build_schedule(settings: SFTSettings, n_images: int, peak1: float) -> TwoPha
 
 
 def choose_peak1(ctx: DefenseContext, settings: SFTSettings) -> tuple[float, dict[str, Any]]:
-    """``lr_peak1`` if given, else a fixed fraction of the rate where the range test diverges."""
+    """``lr_peak1`` if given, else a fixed fraction of the rate at which the range test shows the
+    model leaving its basin (never above half the collapse rate)."""
     if settings.lr_peak1 is not None:
         return settings.lr_peak1, {"source": "given"}
     test = lr_range_test(ctx, batch_size=settings.batch_size, momentum=settings.momentum,
                          weight_decay=settings.weight_decay)
-    if test.diverge_lr is None:
-        return FALLBACK_PEAK1, {"source": "fallback (range test did not diverge)", **test.to_dict()}
-    return test.diverge_lr * PEAK1_FROM_DIVERGENCE, {"source": "lr range test", **test.to_dict()}
+    if test.escape_lr is None:
+        return FALLBACK_PEAK1, {"source": "fallback (range test never left the basin)", **test.to_dict()}
+    peak = test.escape_lr * PEAK1_FROM_ESCAPE
+    if test.diverge_lr is not None:
+        peak = min(peak, test.diverge_lr / 2)
+    return peak, {"source": "lr range test", **test.to_dict()}
+
+
+def reinit_head(ctx: DefenseContext) -> None:
+    """Forget the head's backdoor mapping; the body's features are re-read from clean data."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.gen)))
+    for module in head_module(ctx.net, ctx.config).modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
 
 
 @register_defense
@@ -81,6 +96,8 @@ class SuperFineTuning(Defense):
     settings: SFTSettings
 
     def run(self, ctx: DefenseContext) -> dict[str, Any]:
+        if self.settings.reinit_head:
+            reinit_head(ctx)
         peak1, selection = choose_peak1(ctx, self.settings)
         schedule = build_schedule(self.settings, len(ctx.tune), peak1)
         fine_tune(ctx, self.settings, schedule)
