@@ -22,7 +22,7 @@ from bdaudit.schedules import TwoPhaseCyclic
 from bdaudit.train import steps_per_epoch
 
 # Chosen on the benchmark (benchmarks/README.md, "SFT peak selection").
-PEAK1_FROM_ESCAPE = 0.2
+PEAK1_FROM_ESCAPE = 0.25
 PEAK2_FROM_PEAK1 = 0.01
 BASE_FROM_PEAK2 = 0.1
 FALLBACK_PEAK1 = 0.1  # the ports' value, used when the range test never leaves the basin
