@@ -82,7 +82,8 @@ def render_schedule(plan: dict[str, Any], console: Console) -> None:
 def sequela_tables(section: dict[str, Any]) -> list[Any]:
     mia = Table(title="Membership inference (members vs held-out; best of 4 score attacks)")
     for column in ("member set", "model", "best attack", "AUC", "TPR @ 1% FPR", "members"):
-        mia.add_column(column, justify="left" if column in ("member set", "model", "best attack") else "right")
+        left = column in ("member set", "model", "best attack")
+        mia.add_column(column, justify="left" if left else "right")
     for set_name, results in section["membership"].items():
         for role, result in results.items():
             if role == "change":
@@ -100,7 +101,8 @@ def sequela_tables(section: dict[str, Any]) -> list[Any]:
         for role, result in reinjection["models"].items():
             steps = result["steps_to_regain"]
             table.add_row(role, _pct(result["initial_asr"]), _pct(result["final_asr"]),
-                          "not reached" if steps is None else str(steps), _pct(result["final_clean_accuracy"]))
+                          "not reached" if steps is None else str(steps),
+                          _pct(result["final_clean_accuracy"]))
         renderables.append(table)
     return renderables
 

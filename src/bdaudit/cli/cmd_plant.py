@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -11,7 +13,8 @@ from rich.table import Table
 
 from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed, app, guarded
 from bdaudit.errors import BdauditError
-from bdaudit.plant import PlantResult, TrainSettings
+from bdaudit.paradigms import plant_encoder, plant_transfer
+from bdaudit.plant import CLEAN, PlantResult, TrainSettings
 from bdaudit.plant import plant as plant_standalone
 
 PARADIGMS = ("standalone", "transfer", "encoder")
@@ -78,9 +81,39 @@ def plant(
         if not quiet:
             console.print(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}")
 
-    result = plant_standalone(data, out, attack=attack, target=target, poison_rate=poison_rate,
-                              arch=arch, trigger_params=parse_params(trigger_params),
-                              settings=settings, eval_dir=eval_data, holdout=holdout, seed=seed,
-                              device=device, force=force, half=half, on_epoch=progress)
+    common = dict(eval_dir=eval_data, holdout=holdout, seed=seed, device=device, force=force, half=half)
+    if paradigm == "standalone":
+        result = plant_standalone(data, out, attack=attack, target=target, poison_rate=poison_rate, arch=arch,
+                                  trigger_params=parse_params(trigger_params), settings=settings,
+                                  on_epoch=progress, **common)
+    elif paradigm == "encoder":
+        spec = attack if not trigger_params else f"{attack}:{trigger_params}"
+        result = plant_encoder(data, out, trigger="badnets" if attack == CLEAN else spec, target=target,
+                               arch=arch, clean_encoder=attack == CLEAN, **common,
+                               on_epoch=None if quiet else
+                               lambda phase, epoch, loss: console.print(f"{phase} epoch {epoch + 1} "
+                                                                        f"loss {loss:.4f}"))
+    else:
+        result = _plant_transfer(data, out, upstream, downstream_data, mode, attack, target, poison_rate,
+                                 arch, trigger_params, settings, progress, common)
     if not quiet:
         show_result(result, console)
+
+
+def _plant_transfer(data: Path, out: Path, upstream: Path | None, downstream: Path | None, mode: str,
+                    attack: str, target: int, poison_rate: float, arch: str, trigger_params: str | None,
+                    settings: TrainSettings, progress: Callable[[int, float], None],
+                    common: dict[str, Any]) -> PlantResult:
+    """Plant an upstream on --data (unless --upstream is given), then fine-tune it as the victim."""
+    if downstream is None:
+        raise BdauditError("--paradigm transfer needs --downstream-data DIR (the victim's clean data)")
+    if out.exists() and not common["force"]:
+        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
+    with tempfile.TemporaryDirectory() as tmp:
+        if upstream is None:
+            upstream = Path(tmp) / "upstream.safetensors"
+            plant_standalone(data, upstream, attack=attack, target=target, poison_rate=poison_rate,
+                             arch=arch, trigger_params=parse_params(trigger_params), settings=settings,
+                             on_epoch=progress, **{**common, "eval_dir": None, "force": True})
+        return plant_transfer(upstream, downstream, out, mode=mode, settings=settings, on_epoch=progress,
+                              **common)
