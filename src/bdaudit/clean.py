@@ -85,7 +85,7 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
     def record(epoch: int, lr: float, loss: float) -> None:
         probe = evaluate_triggers(classifier, split.heldout, [p for p, _ in usable], device=device,
                                   batch_size=batch_size, targets=[t for _, t in usable],
-                                  gates=gates.scan)
+                                  gates=gates.scan, with_null=False)
         classifier.train()  # evaluate_triggers leaves eval mode; the loop expects train mode
         ctx.set_train_modes()
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss, "clean_accuracy": probe.clean_accuracy,

@@ -106,7 +106,7 @@ def _fits(trigger: Trigger, data: ImageSet) -> str | None:
 def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[Trigger], *,
                       device: torch.device, batch_size: int = 256, target: int | None = None,
                       gates: Gates | None = None, advance: Callable[[int], None] | None = None,
-                      targets: Sequence[int | None] | None = None) -> ScanResult:
+                      targets: Sequence[int | None] | None = None, with_null: bool = True) -> ScanResult:
     """Clean accuracy plus, per trigger, ASR at the suspected (or given) target, the matched
     null rate and robust accuracy. ``targets`` fixes a target per trigger (e.g. the ones found
     before cleaning); otherwise ``target`` applies to all, and None searches."""
@@ -117,8 +117,9 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
             raise BdauditError(f"--target {fixed} is not a class index (0..{data.num_classes - 1})")
     usable = [t for t in triggers if _fits(t, data) is None]
     transforms: list[Callable] = [_identity]
-    for trig in usable:
-        transforms += [trig.apply, trig.null]
+    for trig in usable:  # without nulls (e.g. per-epoch history) the null slot repeats the trigger
+        transforms += [trig.apply, trig.null] if with_null else [trig.apply]
+    # (with_null=False also leaves flagged False: a gate needs the null rate)
     preds = _predict_all(classifier, data, transforms, batch_size, device, advance)
     labels = data.labels
     clean_acc = float((preds[0] == labels).float().mean())
@@ -130,14 +131,15 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
                                          target is not None, None, None, None,
                                          error=_fits(trig, data)))
             continue
-        slot = 1 + 2 * by_name[id(trig)]
+        slot = 1 + (2 if with_null else 1) * by_name[id(trig)]
         asr_all = attack_success_rates(preds[slot], labels, data.num_classes)
-        null_all = attack_success_rates(preds[slot + 1], labels, data.num_classes)
         t = int(asr_all.argmax()) if target is None else target
-        asr, null = float(asr_all[t]), float(null_all[t])
+        asr = float(asr_all[t])
+        null = float(attack_success_rates(preds[slot + 1], labels, data.num_classes)[t]) if with_null else None
         results.append(TriggerResult(
             trigger=trig.name, spec=trig.spec(), paper=trig.paper, target=t,
             target_name=data.class_names[t], target_fixed=target is not None, asr=asr,
             null_asr=null, robust_accuracy=float((preds[slot] == labels).float().mean()),
-            asr_per_class=[round(float(v), 6) for v in asr_all], flagged=gates.flags(asr, null)))
+            asr_per_class=[round(float(v), 6) for v in asr_all],
+            flagged=null is not None and gates.flags(asr, null)))
     return ScanResult(clean_accuracy=clean_acc, n_images=len(data), triggers=results)
