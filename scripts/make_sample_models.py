@@ -31,6 +31,7 @@ STANDALONE: dict[str, tuple[str, float, dict[str, Any]]] = {
     "wanet": ("wanet", 0.1, {}),
     "lowfreq": ("lowfreq", 0.1, {}),
     "trojannn": ("trojannn", 0.1, {}),
+    "input_aware": ("input_aware", 0.1, {}),  # generator shipped inside the checkpoint
 }
 
 

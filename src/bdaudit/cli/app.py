@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from bdaudit.errors import BdauditError
+from bdaudit.report import Report
 
 EXIT_PASS, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -153,3 +154,17 @@ def merge_config(ctx: typer.Context, config: Path | None, values: dict[str, Any]
         if getattr(ctx.get_parameter_source(key), "name", "DEFAULT") in ("DEFAULT", "DEFAULT_MAP"):
             merged[key] = value
     return merged
+
+
+def finish(report: Report, json_out: str | None, console: Console, show: bool) -> None:
+    """Write the JSON report, print it for people, and exit 1 if a gate failed."""
+    from bdaudit.render import render_report
+
+    if json_out:
+        report.write_json(json_out)
+    if show:
+        render_report(report, console)
+    elif not report.passed:
+        console.print("FAIL: " + "; ".join(report.reasons))
+    if not report.passed:
+        raise typer.Exit(EXIT_GATE)

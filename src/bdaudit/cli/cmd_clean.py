@@ -10,7 +10,6 @@ import typer
 from bdaudit import api
 from bdaudit.clean import CleanGates
 from bdaudit.cli.app import (
-    EXIT_GATE,
     Arch,
     ClassNames,
     DataDir,
@@ -35,6 +34,7 @@ from bdaudit.cli.app import (
     TriggerSpecs,
     app,
     consoles,
+    finish,
     guarded,
     merge_config,
     model_flags,
@@ -47,7 +47,7 @@ from bdaudit.cli.cmd_sequela import (
     ReinjectionSteps,
     sequela_options,
 )
-from bdaudit.render import render_report, render_schedule
+from bdaudit.render import render_schedule
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_NULL_MARGIN, Gates
 
 TUNE = "Tuning"
@@ -152,11 +152,4 @@ def clean(
         sequela=None if v["no_sequela"] else sequela_options(
             v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
         **common)
-    if v["json_out"]:
-        report.write_json(v["json_out"])
-    if show:
-        render_report(report, console)
-    elif not report.passed:
-        console.print("FAIL: " + "; ".join(report.reasons))
-    if not report.passed:
-        raise typer.Exit(EXIT_GATE)
+    finish(report, v["json_out"], console, show)

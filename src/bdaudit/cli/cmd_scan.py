@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import typer
-
 from bdaudit import api
 from bdaudit.cli.app import (
-    EXIT_GATE,
     Arch,
     BatchSize,
     ClassNames,
@@ -32,10 +29,11 @@ from bdaudit.cli.app import (
     TriggerSpecs,
     app,
     consoles,
+    finish,
     guarded,
     model_flags,
 )
-from bdaudit.render import progress_bars, render_report
+from bdaudit.render import progress_bars
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_NULL_MARGIN, Gates
 
 
@@ -79,11 +77,4 @@ def scan(
             model_flags=model_flags(arch, num_classes, in_chans, input_size, mean, std,
                                     class_names),
             model_config=model_config, progress=progress)
-    if json_out:
-        report.write_json(json_out)
-    if show:
-        render_report(report, console)
-    elif not report.passed:
-        console.print("FAIL: " + "; ".join(report.reasons))
-    if not report.passed:
-        raise typer.Exit(EXIT_GATE)
+    finish(report, json_out, console, show)

@@ -9,7 +9,6 @@ import typer
 
 from bdaudit import api
 from bdaudit.cli.app import (
-    EXIT_GATE,
     DataDir,
     Debug,
     Device,
@@ -23,9 +22,9 @@ from bdaudit.cli.app import (
     TriggerSpecs,
     app,
     consoles,
+    finish,
     guarded,
 )
-from bdaudit.render import render_report
 from bdaudit.sequela.audit import SequelaGates
 
 SEQ = "Sequela"
@@ -77,11 +76,4 @@ def sequela(
                          options=sequela_options(members, reference, max_mia_auc, max_reinjection_asr,
                                                  reinjection_steps),
                          triggers=trigger or (), target=target, runtime=api.Runtime(device, 256, seed))
-    if json_out:
-        report.write_json(json_out)
-    if show:
-        render_report(report, console)
-    elif not report.passed:
-        console.print("FAIL: " + "; ".join(report.reasons))
-    if not report.passed:
-        raise typer.Exit(EXIT_GATE)
+    finish(report, json_out, console, show)
