@@ -25,10 +25,14 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def input_aware_model(train_dir: Path, eval_dir: Path, models_dir: Path) -> PlantResult:
-    """The tiny CNN with an input-aware backdoor to class 0, at the attack's defaults."""
+    """The tiny CNN with an input-aware backdoor to class 0.
+
+    Cross-trigger rows at a quarter of the backdoor rows: at this budget (128 steps) the paper's
+    1x leaves backdoor and cross rows in a tug of war (ASR 0.61-0.96 over seeds 0-2), while 0.25
+    gave 0.84-0.98, every one flagged by scan; the 4,000-image sample setting handles 1x."""
     return plant(train_dir, models_dir / "input_aware.safetensors", attack="input_aware",
-                 target=0, poison_rate=0.1, arch="bd_cnn_tiny", settings=TINY_SETTINGS,
-                 eval_dir=eval_dir, seed=0, device="cpu")
+                 target=0, poison_rate=0.1, arch="bd_cnn_tiny", trigger_params={"cross_ratio": 0.25},
+                 settings=TINY_SETTINGS, eval_dir=eval_dir, seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def test_plant_reaches_asr_and_keeps_accuracy(input_aware_model: PlantResult) ->
     assert metrics["clean_accuracy"] >= 0.88  # the clean tiny model reaches ~0.95
     provenance = input_aware_model.config.provenance
     assert provenance["attack"] == "input_aware"
-    assert provenance["attack_params"]["cross_ratio"] == 1.0
+    assert provenance["attack_params"]["cross_ratio"] == 0.25
 
 
 def test_checkpoint_round_trip_reproduces_the_attack(
@@ -122,8 +126,8 @@ def test_generators_fit_any_geometry(shape: tuple[int, ...]) -> None:
 
 def test_unfitted_trigger_and_attack_explain_themselves() -> None:
     assert "input_aware" not in {t.name for t in default_triggers()}
-    with pytest.raises(TriggerError, match="checkpoint"):
-        parse_trigger("input_aware").apply(torch.rand(1, 1, 28, 28))
+    with pytest.raises(TriggerError, match="checkpoint"):  # transfer falls back on this error
+        parse_trigger("input_aware")
     attack = resolve_attack("input_aware", 0, 0.1, {"cross_ratio": "0.5", "mask_epochs": "2"})
     assert isinstance(attack, InputAwareAttack) and attack.custom_training
     assert attack.cross_ratio == 0.5 and attack.mask_epochs == 2

@@ -114,22 +114,38 @@ class InputAwareTrigger(Trigger):
 
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Only from_generators/from_tensors build a usable trigger; refusing here makes
+        # ``--trigger input_aware`` fail clearly and lets callers fall back to model_triggers().
+        raise TriggerError("the input_aware trigger has no parameters of its own: it is rebuilt "
+                           "from an input-aware model's checkpoint, which scan probes by default")
+
+    @classmethod
+    def _bare(cls, seed: int = 0) -> InputAwareTrigger:
+        """An instance without generators (an attack's trigger before ``fit``)."""
+        trigger = object.__new__(cls)
+        object.__setattr__(trigger, "seed", seed)
+        object.__setattr__(trigger, "_nets", None)
+        return trigger
+
     @classmethod
     def from_generators(cls, pattern_net: TriggerNet, mask_net: TriggerNet,
                         seed: int = 0) -> InputAwareTrigger:
-        trigger = cls(seed=seed)
+        trigger = cls._bare(seed)
         for net in (pattern_net, mask_net):
             net.eval().requires_grad_(False)  # probing must never train or track the generators
         object.__setattr__(trigger, "_nets", (pattern_net, mask_net))
         return trigger
 
     @property
+    def fitted(self) -> bool:
+        return self._nets is not None  # type: ignore[attr-defined]
+
+    @property
     def nets(self) -> tuple[TriggerNet, TriggerNet]:
-        nets = getattr(self, "_nets", None)
-        if nets is None:
-            raise TriggerError("the input_aware trigger has no parameters of its own: it is rebuilt "
-                               "from an input-aware model's checkpoint, which scan probes by default")
-        return nets
+        if not self.fitted:
+            raise TriggerError("this input_aware trigger has no generators yet: train the attack first")
+        return self._nets  # type: ignore[attr-defined]
 
     def _on(self, x: torch.Tensor) -> tuple[TriggerNet, TriggerNet]:
         pattern_net, mask_net = self.nets
@@ -238,7 +254,7 @@ class InputAwareAttack(Attack):
             knobs = {k: cls.tunables[k](v) for k, v in trigger_params.items()}
         except (TypeError, ValueError) as exc:
             raise TriggerError(f"input_aware: {exc}") from None
-        return cls(InputAwareTrigger(), target, poison_rate, **knobs)
+        return cls(InputAwareTrigger._bare(), target, poison_rate, **knobs)
 
     def fit(self, classifier: nn.Module, data: ImageSet, settings: Any, gen: torch.Generator,
             device: torch.device, on_epoch: Callable[[int, float], None] | None = None) -> None:
@@ -354,7 +370,7 @@ class InputAwareAttack(Attack):
         return {f"{PREFIX}.{k}": v for k, v in self.probe_trigger().tensors().items()}
 
     def probe_trigger(self) -> InputAwareTrigger:
-        if not isinstance(self.trigger, InputAwareTrigger) or getattr(self.trigger, "_nets", None) is None:
+        if not isinstance(self.trigger, InputAwareTrigger) or not self.trigger.fitted:
             raise BdauditError("the input_aware trigger is learned during training: fit first")
         return self.trigger
 
