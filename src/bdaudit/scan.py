@@ -93,13 +93,13 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _fits(trigger: Trigger, data: ImageSet) -> str | None:
-    """Try the trigger on one image: a geometry that does not fit is reported, not raised."""
+def trigger_fit_error(trigger: Trigger, data: ImageSet) -> str | None:
+    """Try the trigger (and its null) on one image: why it does not fit these inputs, or None."""
     try:
         trigger.apply(to_float(data.images[:1]))
         trigger.null(to_float(data.images[:1]))
     except (ValueError, RuntimeError) as exc:
-        return f"does not fit {tuple(data.images.shape[1:])} inputs: {exc}"
+        return f"trigger {trigger.spec()} does not fit {tuple(data.images.shape[1:])} images: {exc}"
     return None
 
 
@@ -115,7 +115,7 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
     for fixed in per_trigger:
         if fixed is not None and not 0 <= fixed < data.num_classes:
             raise BdauditError(f"--target {fixed} is not a class index (0..{data.num_classes - 1})")
-    usable = [t for t in triggers if _fits(t, data) is None]
+    usable = [t for t in triggers if trigger_fit_error(t, data) is None]
     transforms: list[Callable] = [_identity]
     for trig in usable:  # without nulls (e.g. per-epoch history) the null slot repeats the trigger
         transforms += [trig.apply, trig.null] if with_null else [trig.apply]
@@ -129,7 +129,7 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
         if id(trig) not in by_name:
             results.append(TriggerResult(trig.name, trig.spec(), trig.paper, target, None,
                                          target is not None, None, None, None,
-                                         error=_fits(trig, data)))
+                                         error=trigger_fit_error(trig, data)))
             continue
         slot = 1 + (2 if with_null else 1) * by_name[id(trig)]
         asr_all = attack_success_rates(preds[slot], labels, data.num_classes)

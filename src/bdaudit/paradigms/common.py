@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from bdaudit.config import ModelConfig
-from bdaudit.data import ImageSet, _class_folders, to_float
+from bdaudit.data import ImageSet, _class_folders
 from bdaudit.errors import BdauditError, TriggerError
-from bdaudit.scan import evaluate_triggers
+from bdaudit.scan import evaluate_triggers, trigger_fit_error
 from bdaudit.train import accuracy
 from bdaudit.triggers import Trigger
 
@@ -67,11 +67,9 @@ def head_of(net: nn.Module, config: ModelConfig) -> nn.Module:
 
 
 def check_trigger_fits(trigger: Trigger, data: ImageSet) -> None:
-    try:
-        trigger.apply(to_float(data.images[:1]))
-    except (ValueError, RuntimeError) as exc:
-        raise TriggerError(f"trigger {trigger.spec()} does not fit {tuple(data.images.shape[1:])} "
-                           f"images: {exc}") from None
+    problem = trigger_fit_error(trigger, data)
+    if problem:
+        raise TriggerError(problem)
 
 
 def measure_trigger(classifier: nn.Module, heldout: ImageSet, trigger: Trigger | None,

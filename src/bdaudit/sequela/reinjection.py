@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from bdaudit.attacks.base import Attack
-from bdaudit.data import ImageSet, to_float
+from bdaudit.data import ImageSet
 from bdaudit.errors import BdauditError
-from bdaudit.scan import attack_success_rates
+from bdaudit.scan import attack_success_rates, trigger_fit_error
 from bdaudit.schedules import Constant
 from bdaudit.train import make_optimizer, predict, steps_per_epoch, train
 from bdaudit.triggers import Trigger
@@ -151,11 +151,9 @@ def _check(target: int, num_classes: int, budget_steps: int, eval_every: int, n_
 
 def _check_trigger(trigger: Trigger, data: ImageSet) -> None:
     """Fail before training, not in its middle, when the trigger cannot stamp these images."""
-    try:
-        trigger.apply(to_float(data.images[:1]))
-    except (ValueError, RuntimeError) as exc:
-        raise ReinjectionError(f"trigger {trigger.spec()} does not fit "
-                               f"{tuple(data.images.shape[1:])} images: {exc}") from None
+    problem = trigger_fit_error(trigger, data)
+    if problem:
+        raise ReinjectionError(problem)
 
 
 def reinjection_attack(classifier: nn.Module, clean: ImageSet, trigger: Trigger, target: int, *,
