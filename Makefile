@@ -30,11 +30,17 @@ samples:
 	$(PYTHON) scripts/make_sample_models.py
 
 # The defense comparison in benchmarks/README.md: every method x the standalone samples at 250 and
-# 50 clean images (5 % and 1 % of the 5,000-image MNIST set). Resumable: rerun to continue.
+# 50 clean images (5 % and 1 % of the 5,000-image MNIST set), then the tuning methods with and
+# without trigger unlearning at 400 (10 % of the samples' training set). Resumable: rerun to continue.
 BENCH_OUT ?= benchmarks/results/bench
+BENCH_COMMON = --models sample_models/manifest.yaml --attacks badnets,blended,wanet,lowfreq,trojannn,input_aware \
+	--clean-data sample_data/mnist/clean --eval-data sample_data/mnist/eval --device cpu
+UNLEARN = ftsam_u=ftsam,ftsam_u15=ftsam,ft_u15=ft --set ftsam_u.unlearn_fraction=0.3 \
+	--set ftsam_u15.unlearn_fraction=0.15 --set ft_u15.unlearn_fraction=0.15
 bench: install
-	bdaudit bench --models sample_models/manifest.yaml \
-		--attacks badnets,blended,wanet,lowfreq,trojannn,input_aware \
-		--methods anp,fp,fst,ft,ftsam,ibau,nad,nc,sft,sft_sam=sft --set sft_sam.sam_rho=2.0 \
-		--clean-data sample_data/mnist/clean --eval-data sample_data/mnist/eval \
-		--clean-size 250 --clean-size 50 --set anp.iterations=100 --out-dir $(BENCH_OUT) --device cpu
+	bdaudit bench $(BENCH_COMMON) --clean-size 250 --clean-size 50 --out-dir $(BENCH_OUT) \
+		--methods anp,fp,fst,ft,ftsam,ibau,nad,nc,sft,sft_sam=sft,$(UNLEARN) \
+		--set sft_sam.sam_rho=2.0 --set anp.iterations=100
+	bdaudit bench $(BENCH_COMMON) --clean-size 400 --out-dir $(BENCH_OUT)400 \
+		--methods ft,ftsam,sft,ftsam_fam=ftsam,$(UNLEARN) \
+		--set ftsam_fam.unlearn_fraction=0.3 --set ftsam_fam.unlearn_family=1.0

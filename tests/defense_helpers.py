@@ -12,14 +12,15 @@ from bdaudit.plant import PlantResult
 
 
 def clean_badnets(method: str, model: PlantResult, clean_dir: Path, eval_dir: Path,
-                  **settings: Any) -> dict[str, Any]:
+                  unlearn_fraction: float = 0.0, **settings: Any) -> dict[str, Any]:
     """The ``clean`` section of the report: before/after accuracy and BadNets ASR, hyper-parameters.
-    Tests give short budgets in epochs, so the step floor is off unless a test sets it."""
+    Tests give short budgets in epochs, so the step floor is off unless a test sets it; trigger
+    unlearning is off unless asked, so each defense is tested on its own."""
     if "min_steps" in DEFENSES[method].settings_cls.__dataclass_fields__:
         settings.setdefault("min_steps", 0)
     report = api.clean(model.path, api.DataOptions(clean_dir, eval_dir), None, method=method,
                        settings=settings, triggers=("badnets",), gates=CleanGates(max_accuracy_drop=None),
-                       runtime=api.Runtime("cpu", 256, 0))
+                       runtime=api.Runtime("cpu", 256, 0), unlearn_fraction=unlearn_fraction)
     section = report.sections["clean"]
     return {"asr_before": section["before"]["triggers"][0]["asr"],
             "asr_after": section["after"]["triggers"][0]["asr"],

@@ -123,3 +123,16 @@ def test_a_variant_label_runs_a_method_with_its_own_settings(bench_run: tuple, m
     assert [c["method"] for c in report["cells"]] == ["ft", "ft_cosine"]
     assert report["reused"] == 1 and report["computed"] == 1  # plain ft came from the cache
     assert report["cells"][1]["settings"]["schedule"] == "cosine"
+
+
+def test_any_method_takes_trigger_unlearning_as_a_variant(bench_run: tuple, manifest: Path, clean_dir: Path,
+                                                          eval_dir: Path) -> None:
+    _, out = bench_run
+    result = invoke("bench", "--models", manifest, "--clean-data", clean_dir, "--eval-data", eval_dir,
+                    "--methods", "ft,ft_u=ft", "--clean-size", "100", "--set", "ft.epochs=3",
+                    "--set", "ft_u.epochs=3", "--set", "ft_u.unlearn_fraction=0.3",
+                    "--reinjection-steps", "10", "--out-dir", out, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    plain, unlearned = json.loads((out / "bench.json").read_text())["cells"]
+    assert plain["unlearning"] is None and unlearned["unlearning"]["triggers"] == ["badnets"]
+    assert unlearned["asr_after"] < 0.05 < 0.3 < plain["asr_after"]

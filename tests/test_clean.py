@@ -13,7 +13,9 @@ from helpers import assert_usage_error, invoke, read_report
 from bdaudit.checkpoint import load_model
 from bdaudit.plant import PlantResult
 
-FAST = ("--epochs", "10", "--set", "min_steps=0", "--device", "cpu", "--trigger", "badnets", "--no-sequela")
+# Trigger unlearning off: these tests are about the tuning methods themselves (test_unlearning.py).
+FAST = ("--epochs", "10", "--set", "min_steps=0", "--device", "cpu", "--trigger", "badnets", "--no-sequela",
+        "--unlearn-fraction", "0")
 
 
 def sha(path: Path) -> str:

@@ -12,10 +12,19 @@ from typing import Any
 import torch
 
 from bdaudit.checkpoint import LoadedModel, load_model
-from bdaudit.clean import DEFAULT_METHOD, CleanGates, clean_reasons, clean_section, run_defense, save_cleaned
+from bdaudit.clean import (
+    DEFAULT_METHOD,
+    DEFAULT_UNLEARN_FRACTION,
+    CleanGates,
+    clean_reasons,
+    clean_section,
+    run_defense,
+    save_cleaned,
+)
 from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_data, resolve_preprocessing
 from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
+from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.errors import BdauditError
 from bdaudit.inversion import inversion_reasons, invert_triggers
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
@@ -116,9 +125,11 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
           runtime: Runtime | None = None, model_flags: dict[str, Any] | None = None,
           model_config: str | Path | None = None, force: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          sequela: SequelaOptions | None = None) -> Report:
+          sequela: SequelaOptions | None = None,
+          unlearn_fraction: float = DEFAULT_UNLEARN_FRACTION) -> Report:
     """Remove a backdoor from a copy of the model; ``out`` (if given) receives the cleaned
-    checkpoint, written atomically and never over the input."""
+    checkpoint, written atomically and never over the input. ``unlearn_fraction`` of each tuning
+    batch carries a trigger the first scan flagged, with its true label (0: off)."""
     started = time.perf_counter()
     runtime = runtime or Runtime()
     gates = gates or CleanGates()
@@ -131,13 +142,14 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
             out.resolve() == Path(model_path).resolve():
         raise BdauditError("--out is the input model; bdaudit never overwrites its input")
     defense = create_defense(method, settings)
+    check_unlearn_fraction(unlearn_fraction)
     device = resolve_device(runtime.device)
     gen = seed_everything(runtime.seed)
     loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
     chosen = select_triggers(loaded, triggers, triggers_file)
     outcome = run_defense(defense, loaded, split, chosen, scope=scope, device=device, gen=gen,
                           batch_size=runtime.batch_size, gates=gates, target=target,
-                          on_epoch=on_epoch)
+                          on_epoch=on_epoch, unlearn_fraction=unlearn_fraction)
     sections = {"scan": scan_section(outcome.after), "clean": clean_section(defense, scope, outcome, out)}
     reasons = clean_reasons(outcome, gates)
     all_gates: dict[str, float | None] = gates.to_dict()

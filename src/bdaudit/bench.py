@@ -28,6 +28,7 @@ from bdaudit.checkpoint import LoadedModel, atomic_output, load_model
 from bdaudit.clean import CleanGates, run_defense
 from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_preprocessing
 from bdaudit.defenses import DEFENSES, create_defense
+from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE
 from bdaudit.errors import BdauditError
 from bdaudit.plant import TrainSettings, plant
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
@@ -110,8 +111,8 @@ class BenchResult:
         return {"bench_version": BENCH_VERSION, "tool": {"name": "bdaudit", "version": __version__},
                 "environment": self.environment, "wall_time_s": round(self.seconds, 1),
                 "computed": self.computed, "reused": self.reused,
-                "rule": f"recommended: lowest worst-case ASR (ties: mean ASR) among methods whose accuracy "
-                        f"cost is <= {MAX_ACCURACY_COST:.0%} on every model",
+                "rule": f"recommended: lowest worst-case ASR (ties: mean ASR, then mean accuracy cost) among "
+                        f"methods whose accuracy cost is <= {MAX_ACCURACY_COST:.0%} on every model",
                 "recommended": {str(k): v for k, v in self.recommended.items()},
                 "summary": self.summary, "cells": self.rows}
 
@@ -213,6 +214,17 @@ def read_cache(path: Path) -> dict[str, dict[str, Any]]:
     return cache
 
 
+# Variant settings any method accepts: they are ``clean``'s trigger unlearning
+# (``defenses.unlearning``), not settings of the defense.
+CLEAN_OPTIONS = {"unlearn_fraction": 0.0, "unlearn_family": UNLEARN_FAMILY_SHARE}
+
+
+def split_clean_options(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """A variant's ``--set`` values split into the defense's settings and ``run_defense`` options."""
+    method_only = {k: v for k, v in settings.items() if k not in CLEAN_OPTIONS}
+    return method_only, {k: float(settings.get(k, default)) for k, default in CLEAN_OPTIONS.items()}
+
+
 def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], split: DataSplit, method: str,
              settings: dict[str, Any], plan: BenchPlan, device: torch.device, attacker_data: ImageSet,
              ) -> dict[str, Any]:
@@ -221,11 +233,13 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
     Sequela: membership inference of the tuning subset against the held-out images, and the
     retuning attack drawn from ``attacker_data`` (the whole clean pool, so every clean size faces
     the same attacker)."""
-    defense = create_defense(method, settings)
+    method_only, options = split_clean_options(settings)
+    defense = create_defense(method, method_only)
     gen = seed_everything(plan.seed)
     started = time.perf_counter()
     outcome = run_defense(defense, loaded, split, triggers, scope="full", device=device, gen=gen,
-                          batch_size=256, gates=CleanGates(), target=subject.target, track_history=False)
+                          batch_size=256, gates=CleanGates(), target=subject.target, track_history=False,
+                          **options)
     seconds = time.perf_counter() - started
     before, after = outcome.before.triggers[0], outcome.after.triggers[0]
     row: dict[str, Any] = {
@@ -235,6 +249,7 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
         "accuracy_drop": outcome.before.clean_accuracy - outcome.after.clean_accuracy,
         "asr_before": before.asr, "asr_after": after.asr, "seconds": round(seconds, 2),
         "settings": json.loads(json.dumps(outcome.used.get("settings", {}), default=str)),
+        "unlearning": outcome.used.get("unlearning"),
         "mia_auc": None, "reinjection_asr": None, "reinjection_steps": None,
     }
     if plan.sequela:
@@ -275,12 +290,16 @@ def run_bench(subjects: Sequence[Subject], clean_data: Path, eval_data: Path, pl
             for entry in plan.methods:
                 method, base = method_label(entry), method_base(entry)
                 settings = plan.method_settings.get(method, {})
-                key = cell_key({"model": loaded.sha256, "trigger": [t.spec() for t in triggers],
-                                "target": subject.target, "method": base,
-                                "settings": dataclasses.asdict(create_defense(base, settings).settings),
-                                "tune": tune.digest(), "eval": heldout.digest(), "seed": plan.seed,
-                                "sequela": plan.sequela and (plan.reinjection_steps, plan.reinjection_eval_every),
-                                "version": __version__})
+                method_only, options = split_clean_options(settings)
+                parts = {"model": loaded.sha256, "trigger": [t.spec() for t in triggers],
+                         "target": subject.target, "method": base,
+                         "settings": dataclasses.asdict(create_defense(base, method_only).settings),
+                         "tune": tune.digest(), "eval": heldout.digest(), "seed": plan.seed,
+                         "sequela": plan.sequela and (plan.reinjection_steps, plan.reinjection_eval_every),
+                         "version": __version__}
+                # Only non-default options enter the key, so cells from before each option stay valid.
+                parts.update({k: v for k, v in options.items() if v != CLEAN_OPTIONS[k]})
+                key = cell_key(parts)
                 if key in cache:
                     row, was_cached = {**cache[key], "model": subject.name, "method": method}, True
                     reused += 1
@@ -327,8 +346,9 @@ def recommend(summary: Sequence[dict[str, Any]]) -> dict[int, str | None]:
     best: dict[int, str | None] = {}
     for size in sorted({s["clean_images"] for s in summary}, reverse=True):
         eligible = [s for s in summary if s["clean_images"] == size
-                    and s["worst_accuracy_drop"] <= MAX_ACCURACY_COST]
-        best[size] = min(eligible, key=lambda s: (s["worst_asr"], s["mean_asr"]))["method"] if eligible else None
+                    and round(s["worst_accuracy_drop"], 6) <= MAX_ACCURACY_COST]  # as clean's gate
+        best[size] = min(eligible, key=lambda s: (s["worst_asr"], s["mean_asr"], s["mean_accuracy_drop"]),
+                         )["method"] if eligible else None
     return best
 
 

@@ -1,5 +1,5 @@
-"""``bdaudit clean``: remove a backdoor with a defense (SFT by default) and prove both sides —
-the backdoor's ASR fell and the clean accuracy held."""
+"""``bdaudit clean``: remove a backdoor with a defense (FT-SAM plus trigger unlearning by default)
+and prove both sides — the backdoor's ASR fell and the clean accuracy held."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from bdaudit.checkpoint import LoadedModel, save_model
 from bdaudit.data import DataSplit, ImageSet
 from bdaudit.defenses import SCOPES, Defense, DefenseContext
 from bdaudit.defenses.base import head_module
+from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE, plan_unlearning
 from bdaudit.errors import BdauditError
 from bdaudit.report import scan_section
 from bdaudit.scan import Gates, ScanResult, evaluate_triggers
@@ -27,6 +28,10 @@ MIN_IMAGES_PER_CLASS = 5  # below this the tuning set cannot represent a class
 # the method with the lowest worst-case ASR among those within clean's 2-point accuracy gate on
 # every model. SFT removes more (mean residual ASR 19 % vs 30 %) but costs 2.5 points on average.
 DEFAULT_METHOD = "ftsam"
+# Share of each tuning batch that carries a flagged trigger (defenses.unlearning). Chosen on `make
+# bench`: with FT-SAM it takes every sample to <= 0.2 % ASR within 2 points at 400 clean images and
+# resists retuning; 0.15 keeps no more accuracy and lets a retuned Blended backdoor back to 15 %.
+DEFAULT_UNLEARN_FRACTION = 0.3
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,11 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
                 scope: str, device: torch.device, gen: torch.Generator, batch_size: int,
                 gates: CleanGates, target: int | None = None,
                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                track_history: bool = True) -> CleanOutcome:
-    """Scan, clean a copy of the model, scan again at the targets found before."""
+                track_history: bool = True, unlearn_fraction: float = 0.0,
+                unlearn_family: float = UNLEARN_FAMILY_SHARE) -> CleanOutcome:
+    """Scan, clean a copy of the model, scan again at the targets found before. With
+    ``unlearn_fraction``, tuning defenses also unlearn the triggers the first scan flagged
+    (``defenses.unlearning``)."""
     if scope not in SCOPES:
         raise BdauditError(f"--scope must be one of {', '.join(SCOPES)}, not '{scope}'")
     if scope == "head":
@@ -97,9 +105,12 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
         if on_epoch is not None:
             on_epoch(row)
 
+    unlearn = plan_unlearning(triggers, [r.flagged for r in before.triggers], unlearn_fraction, unlearn_family)
     ctx = DefenseContext(classifier=classifier, config=loaded.config, tune=split.tune, device=device,
-                         gen=gen, scope=scope, on_epoch=record if track_history else None)
+                         gen=gen, scope=scope, on_epoch=record if track_history else None, unlearn=unlearn)
     used = defense.run(ctx)
+    if unlearn is not None and ctx.extras.get("unlearning_applied"):
+        used["unlearning"] = unlearn.describe()
     classifier.eval()
     after = evaluate_triggers(classifier, split.heldout, triggers, device=device, batch_size=batch_size,
                               targets=targets, gates=gates.scan)
@@ -110,7 +121,8 @@ def clean_reasons(outcome: CleanOutcome, gates: CleanGates) -> list[str]:
     reasons = [f"trigger {t.spec} still sends {t.asr:.1%} of held-out images to class {t.target_name!r} "
                f"after cleaning (gate {gates.scan.fail_asr:.0%})" for t in outcome.after.flagged]
     drop = outcome.before.clean_accuracy - outcome.after.clean_accuracy
-    if gates.max_accuracy_drop is not None and drop > gates.max_accuracy_drop:
+    # Rounded: accuracies are float32 ratios of counts, and 12 of 600 images is exactly 2 points.
+    if gates.max_accuracy_drop is not None and round(drop, 6) > gates.max_accuracy_drop:
         reasons.append(f"clean accuracy fell by {drop:.1%} (from {outcome.before.clean_accuracy:.1%} to "
                        f"{outcome.after.clean_accuracy:.1%}; gate {gates.max_accuracy_drop:.1%})")
     return reasons

@@ -50,6 +50,10 @@ def clean_tables(clean: dict[str, Any]) -> list[Any]:
     schedule = clean["hyperparameters"].get("schedule")
     if schedule:
         renderables.append(schedule_line(schedule, clean["hyperparameters"].get("peak_selection", {})))
+    unlearning = clean["hyperparameters"].get("unlearning")
+    if unlearning:
+        renderables.append(f"Unlearned (true labels on {unlearning['fraction']:.0%} of each batch, half of "
+                           f"them fresh family members): {', '.join(unlearning['triggers'])}")
     return renderables
 
 

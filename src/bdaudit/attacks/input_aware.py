@@ -120,6 +120,10 @@ class InputAwareTrigger(Trigger):
         raise TriggerError("the input_aware trigger has no parameters of its own: it is rebuilt "
                            "from an input-aware model's checkpoint, which scan probes by default")
 
+    def variant(self, seed: int) -> InputAwareTrigger:
+        # The pattern comes from the carried generators, not the seed: no other family members.
+        return self
+
     @classmethod
     def _bare(cls, seed: int = 0) -> InputAwareTrigger:
         """An instance without generators (an attack's trigger before ``fit``)."""

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from bdaudit import api
-from bdaudit.clean import DEFAULT_METHOD, CleanGates
+from bdaudit.clean import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION, CleanGates
 from bdaudit.cli.app import (
     Arch,
     ClassNames,
@@ -89,6 +89,10 @@ def clean(
     lr: Annotated[float | None, typer.Option(help="FT learning rate.", rich_help_panel=TUNE)] = None,
     schedule: Annotated[str | None, typer.Option(help="FT: constant or cosine.",
                                                  rich_help_panel=TUNE)] = None,
+    unlearn_fraction: Annotated[float, typer.Option(
+        help="Share of each tuning batch stamped with the triggers the pre-clean scan flagged (true "
+             "labels kept), so tuning unlearns them; 0 turns it off.", rich_help_panel=TUNE)
+    ] = DEFAULT_UNLEARN_FRACTION,
     set_: MethodSettings = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of flag values.")] = None,
     no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
@@ -156,7 +160,7 @@ def clean(
         v["model"], data_options, v["out"], triggers=v["trigger"] or (),
         triggers_file=v["triggers_file"], target=v["target"],
         gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
-        force=v["force"], on_epoch=progress,
+        force=v["force"], on_epoch=progress, unlearn_fraction=v["unlearn_fraction"],
         sequela=None if v["no_sequela"] else sequela_options(
             v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
         **common)

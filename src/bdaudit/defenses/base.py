@@ -19,6 +19,7 @@ from torch import nn
 from bdaudit.config import ModelConfig
 from bdaudit.data import ImageSet
 from bdaudit.errors import BdauditError
+from bdaudit.train import BatchTransform
 
 DEFENSES: dict[str, type[Defense]] = {}
 SCOPES = ("full", "head")
@@ -43,6 +44,8 @@ class DefenseContext:
     gen: torch.Generator
     scope: str = "full"
     on_epoch: EpochHook | None = None
+    # Applied to every tuning batch by ``tuning.fine_tune`` (e.g. ``unlearning.TriggerUnlearning``).
+    unlearn: BatchTransform | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -80,8 +80,10 @@ def fine_tune(ctx: DefenseContext, settings: TuneSettings, lr_at: LrFunction, *,
         if ctx.on_epoch is not None:
             ctx.on_epoch(epoch, lr_at((epoch + 1) * steps - 1), loss)
 
+    if ctx.unlearn is not None:  # run_defense reports it only for defenses that tuned with it
+        ctx.extras["unlearning_applied"] = True
     train(ctx.classifier, ctx.tune, epochs=settings.epochs_for(len(ctx.tune)), batch_size=settings.batch_size,
-          optimizer=optimizer, lr_at=lr_at, gen=ctx.gen, device=ctx.device,
+          optimizer=optimizer, lr_at=lr_at, gen=ctx.gen, device=ctx.device, batch_transform=ctx.unlearn,
           augment=Augment(settings.augment_pad, ctx.config.hflip), on_epoch=on_epoch,
           set_modes=ctx.set_train_modes, loss_fn=loss_fn, step_fn=step_fn, on_step=on_step)
     for param in ctx.net.parameters():

@@ -38,6 +38,13 @@ class Trigger:
     def null(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def variant(self, seed: int) -> Trigger:
+        """Another member of the same family (same parameters, pattern drawn from ``seed``);
+        families without a seeded pattern return themselves."""
+        if "seed" not in {f.name for f in dataclasses.fields(self)}:
+            return self
+        return dataclasses.replace(self, seed=seed)  # type: ignore[call-arg]
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

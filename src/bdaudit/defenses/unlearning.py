@@ -1,0 +1,79 @@
+"""Trigger unlearning: tune on clean images that carry the triggers the pre-clean scan flagged,
+with their *true* labels, so the tuning data itself contradicts "trigger -> target".
+
+Plain and super-fine-tuning only see clean images, so they can only hope to leave the backdoor's
+basin; a backdoor that clean data never exercises (a noise blend, a low-frequency tint) has no
+gradient pushing it out. Neural Cleanse, i-BAU and BTI-DBF unlearn a *reverse-engineered* trigger
+this way; bdaudit already knows a working trigger when its scan flagged one, so it unlearns that.
+Half of the stamped images get a fresh member of the trigger's family (same parameters, another
+seed) rather than the flagged instance, so the model unlearns the family — what Blended, WaNet and
+low-frequency backdoors actually learn — not one pattern. Images are stamped before augmentation.
+
+It applies to every defense that tunes through ``tuning.fine_tune`` (ft, sft, ftsam, fst, nad, fp)
+and only when the scan flagged something: a model without a flagged trigger is tuned as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bdaudit.errors import BdauditError
+from bdaudit.triggers import Trigger
+
+# Fresh family members come from seeds above this, away from the library's own (0) and null seeds.
+VARIANT_SEED_BASE = 1 << 20
+# Share of stamped images that get a fresh family member instead of the flagged instance.
+UNLEARN_FAMILY_SHARE = 0.5
+
+
+def check_unlearn_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction < 1.0:  # 1 would leave no clean image in a batch
+        raise BdauditError(f"--unlearn-fraction must be in [0, 1), not {fraction}")
+
+
+@dataclass(frozen=True)
+class TriggerUnlearning:
+    """A ``train`` batch transform: stamps ``fraction`` of each batch with a flagged trigger (or,
+    with probability ``family``, a fresh member of its family) and keeps the labels."""
+
+    triggers: tuple[Trigger, ...]
+    fraction: float
+    family: float = UNLEARN_FAMILY_SHARE
+
+    def __post_init__(self) -> None:
+        check_unlearn_fraction(self.fraction)
+        if not 0.0 <= self.family <= 1.0:
+            raise BdauditError(f"unlearning family share must be in [0, 1], not {self.family}")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.triggers or self.fraction == 0.0:
+            return x, y
+        chosen = torch.rand(len(x), generator=gen) < self.fraction
+        which = torch.randint(0, len(self.triggers), (len(x),), generator=gen)
+        fresh = torch.rand(len(x), generator=gen) < self.family
+        seeds = torch.randint(VARIANT_SEED_BASE, 1 << 30, (len(self.triggers),), generator=gen).tolist()
+        x = x.clone()
+        for slot, trigger in enumerate(self.triggers):
+            for use_variant in (False, True):
+                rows = chosen & (which == slot) & (fresh == use_variant)
+                if rows.any():
+                    stamp = trigger.variant(seeds[slot]) if use_variant else trigger
+                    x[rows] = stamp.apply(x[rows]).to(x.dtype)
+        return x, y
+
+    def describe(self) -> dict[str, Any]:
+        return {"triggers": [t.spec() for t in self.triggers], "fraction": self.fraction,
+                "family_share": self.family}
+
+
+def plan_unlearning(triggers: Sequence[Trigger], flagged: Sequence[bool], fraction: float,
+                    family: float = UNLEARN_FAMILY_SHARE) -> TriggerUnlearning | None:
+    """The unlearning transform for the flagged triggers, or None when nothing was flagged."""
+    chosen = tuple(t for t, hit in zip(triggers, flagged, strict=True) if hit)
+    plan = TriggerUnlearning(chosen, fraction, family)  # validates the numbers either way
+    return plan if chosen and fraction > 0.0 else None
