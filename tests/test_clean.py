@@ -187,10 +187,12 @@ def test_method_settings_are_checked(badnets_model: PlantResult, clean_dir: Path
 
 def test_default_method_is_the_bench_winner(badnets_model: PlantResult, clean_dir: Path, eval_dir: Path,
                                             tmp_path: Path) -> None:
-    # FT-SAM, chosen on `make bench` (benchmarks/README.md); it removes the tiny model's backdoor too.
+    # FT-SAM with trigger unlearning, chosen on `make bench` (benchmarks/README.md).
     result = invoke("clean", badnets_model.path, "--data", clean_dir, "--eval-data", eval_dir, "--json",
                     tmp_path / "r.json", "--epochs", "6", "--set", "min_steps=0", "--device", "cpu", "--trigger",
                     "badnets", "--no-sequela", "--max-accuracy-drop", "0.06")
     report = read_report(tmp_path / "r.json")
     assert report["clean"]["method"] == "ftsam"
+    assert report["clean"]["hyperparameters"]["unlearning"] == {"triggers": ["badnets"], "fraction": 0.3,
+                                                                 "family_share": 0.5}
     assert report["clean"]["after"]["triggers"][0]["asr"] < 0.3 and result.exit_code == 0, result.output
