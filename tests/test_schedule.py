@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bdaudit.defenses.sft import SFTSettings, build_schedule
+from bdaudit.defenses.sft import SFTSettings, build_schedule, range_test_batch
 from bdaudit.errors import BdauditError
 from bdaudit.schedules import Constant, Cosine, TwoPhaseCyclic
 
@@ -45,6 +45,13 @@ def test_small_clean_sets_get_more_epochs_up_to_the_step_floor() -> None:
     settings = SFTSettings(epochs=10, batch_size=50, min_steps=100)
     assert settings.epochs_for(100) == 50 and build_schedule(settings, 100, 0.1).total_steps == 100
     assert settings.epochs_for(1000) == 10 and build_schedule(settings, 1000, 0.1).total_steps == 200
+
+
+def test_range_test_uses_several_batches_on_tiny_clean_sets() -> None:
+    # One repeated full batch would measure full-batch stability, far above SGD's escape rate.
+    assert range_test_batch(400, 64) == 64 and range_test_batch(128, 64) == 64
+    assert range_test_batch(50, 64) == 12 and range_test_batch(100, 64) == 25
+    assert range_test_batch(20, 64) == 8  # never below the floor
 
 
 @pytest.mark.parametrize("kwargs", [
