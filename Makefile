@@ -42,5 +42,6 @@ bench: install
 		--methods anp,fp,fst,ft,ftsam,ibau,nad,nc,sft,sft_sam=sft,$(UNLEARN) \
 		--set sft_sam.sam_rho=2.0 --set anp.iterations=100
 	bdaudit bench $(BENCH_COMMON) --clean-size 400 --out-dir $(BENCH_OUT)400 \
-		--methods ft,ftsam,sft,ftsam_fam=ftsam,$(UNLEARN) \
-		--set ftsam_fam.unlearn_fraction=0.3 --set ftsam_fam.unlearn_family=1.0
+		--methods ft,ftsam,sft,ftsam_fam=ftsam,ftsam_inv=ftsam,$(UNLEARN) \
+		--set ftsam_fam.unlearn_fraction=0.3 --set ftsam_fam.unlearn_family=1.0 \
+		--set ftsam_inv.unlearn_fraction=0.3 --set ftsam_inv.unlearn_source=inverted

@@ -98,6 +98,7 @@ def test_stratified_subsets_are_balanced_and_nested(clean_dir: Path) -> None:
     (("--set", "epochs=3"), "METHOD.KEY=VALUE"),
     (("--clean-size", "5000"), "too few images"),
     (("--clean-fraction", "0.1"), "--train-size"),
+    (("--set", "ft.unlearn_source=guess"), "unlearn_source must be one of"),
 ])
 def test_bad_bench_input_exits_2(manifest: Path, clean_dir: Path, eval_dir: Path, tmp_path: Path,
                                  extra: tuple[str, ...], fragment: str) -> None:

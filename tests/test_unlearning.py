@@ -82,3 +82,18 @@ def test_clean_model_is_tuned_without_unlearning(clean_model: PlantResult, clean
 def test_bad_unlearn_fraction_exits_2(badnets_model: PlantResult, clean_dir: Path) -> None:
     assert_usage_error(invoke("clean", badnets_model.path, "--data", clean_dir, "--unlearn-fraction", "1.5",
                               "--device", "cpu"), "--unlearn-fraction")
+
+
+def test_invert_unlearns_a_backdoor_outside_the_probed_triggers(badnets_model: PlantResult, clean_dir: Path,
+                                                                eval_dir: Path, tmp_path: Path) -> None:
+    # Only wanet is probed: the BadNets trigger is unknown to clean; Neural Cleanse must find class 0.
+    out = tmp_path / "cleaned.safetensors"
+    invoke("clean", badnets_model.path, "--data", clean_dir, "--eval-data", eval_dir, "--method", "ft",
+           "--epochs", "3", "--set", "min_steps=0", "--trigger", "wanet", "--invert", "--device", "cpu",
+           "--no-sequela", "--out", out, "--json", tmp_path / "r.json")
+    report = read_report(tmp_path / "r.json")
+    assert report["inversion"]["flagged"] == [0]
+    assert report["clean"]["hyperparameters"]["unlearning"]["triggers"] == ["nc_inverted:target_class=0"]
+    rescan = invoke("scan", out, "--data", eval_dir, "--trigger", "badnets", "--target", "0", "--device", "cpu",
+                    "--json", tmp_path / "s.json")
+    assert read_report(tmp_path / "s.json")["scan"]["triggers"][0]["asr"] < 0.05, rescan.output

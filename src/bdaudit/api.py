@@ -126,10 +126,12 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
           model_config: str | Path | None = None, force: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
           sequela: SequelaOptions | None = None,
-          unlearn_fraction: float = DEFAULT_UNLEARN_FRACTION) -> Report:
+          unlearn_fraction: float = DEFAULT_UNLEARN_FRACTION, invert: bool = False) -> Report:
     """Remove a backdoor from a copy of the model; ``out`` (if given) receives the cleaned
     checkpoint, written atomically and never over the input. ``unlearn_fraction`` of each tuning
-    batch carries a trigger the first scan flagged, with its true label (0: off)."""
+    batch carries a trigger the first scan flagged, with its true label (0: off). With ``invert``,
+    Neural Cleanse first reverses a trigger per class and the outliers join the probed (and so the
+    unlearned) triggers: for backdoors outside the library."""
     started = time.perf_counter()
     runtime = runtime or Runtime()
     gates = gates or CleanGates()
@@ -147,10 +149,17 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     gen = seed_everything(runtime.seed)
     loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
     chosen = select_triggers(loaded, triggers, triggers_file)
+    inversion = None
+    if invert:
+        inversion = invert_triggers(loaded.classifier(), split.tune, device=device,
+                                    gen=torch.Generator().manual_seed(runtime.seed))
+        chosen += inversion.flagged_triggers()
     outcome = run_defense(defense, loaded, split, chosen, scope=scope, device=device, gen=gen,
                           batch_size=runtime.batch_size, gates=gates, target=target,
                           on_epoch=on_epoch, unlearn_fraction=unlearn_fraction)
     sections = {"scan": scan_section(outcome.after), "clean": clean_section(defense, scope, outcome, out)}
+    if inversion is not None:
+        sections["inversion"] = inversion.to_dict()
     reasons = clean_reasons(outcome, gates)
     all_gates: dict[str, float | None] = gates.to_dict()
     if sequela is not None:

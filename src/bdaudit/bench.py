@@ -30,6 +30,7 @@ from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_preproc
 from bdaudit.defenses import DEFENSES, create_defense
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE
 from bdaudit.errors import BdauditError
+from bdaudit.inversion import invert_triggers
 from bdaudit.plant import TrainSettings, plant
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
 from bdaudit.sequela.mia import membership_inference
@@ -216,13 +217,22 @@ def read_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 # Variant settings any method accepts: they are ``clean``'s trigger unlearning
 # (``defenses.unlearning``), not settings of the defense.
-CLEAN_OPTIONS = {"unlearn_fraction": 0.0, "unlearn_family": UNLEARN_FAMILY_SHARE}
+# ``unlearn_source``: ``scan`` unlearns the probed trigger when flagged (as ``clean`` does with the
+# library); ``inverted`` unlearns only what Neural Cleanse reverses (``clean --invert``), so the planted
+# trigger is measured but never shown: the bench's stand-in for a backdoor outside the library.
+CLEAN_OPTIONS: dict[str, Any] = {"unlearn_fraction": 0.0, "unlearn_family": UNLEARN_FAMILY_SHARE,
+                                 "unlearn_source": "scan"}
+UNLEARN_SOURCES = ("scan", "inverted")
 
 
-def split_clean_options(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+def split_clean_options(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A variant's ``--set`` values split into the defense's settings and ``run_defense`` options."""
     method_only = {k: v for k, v in settings.items() if k not in CLEAN_OPTIONS}
-    return method_only, {k: float(settings.get(k, default)) for k, default in CLEAN_OPTIONS.items()}
+    options = {k: type(default)(settings.get(k, default)) for k, default in CLEAN_OPTIONS.items()}
+    if options["unlearn_source"] not in UNLEARN_SOURCES:
+        raise BdauditError(f"unlearn_source must be one of {', '.join(UNLEARN_SOURCES)}, "
+                           f"not '{options['unlearn_source']}'")
+    return method_only, options
 
 
 def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], split: DataSplit, method: str,
@@ -237,9 +247,14 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
     defense = create_defense(method, method_only)
     gen = seed_everything(plan.seed)
     started = time.perf_counter()
+    unlearn_only = None
+    if options.pop("unlearn_source") == "inverted":
+        unlearn_only = invert_triggers(loaded.classifier(), split.tune, device=device,
+                                       gen=torch.Generator().manual_seed(plan.seed)).flagged_triggers()
+        triggers = [*triggers, *unlearn_only]
     outcome = run_defense(defense, loaded, split, triggers, scope="full", device=device, gen=gen,
                           batch_size=256, gates=CleanGates(), target=subject.target, track_history=False,
-                          **options)
+                          unlearn_only=unlearn_only, **options)
     seconds = time.perf_counter() - started
     before, after = outcome.before.triggers[0], outcome.after.triggers[0]
     row: dict[str, Any] = {

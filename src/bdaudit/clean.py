@@ -74,10 +74,11 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
                 gates: CleanGates, target: int | None = None,
                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
                 track_history: bool = True, unlearn_fraction: float = 0.0,
-                unlearn_family: float = UNLEARN_FAMILY_SHARE) -> CleanOutcome:
+                unlearn_family: float = UNLEARN_FAMILY_SHARE,
+                unlearn_only: Sequence[Trigger] | None = None) -> CleanOutcome:
     """Scan, clean a copy of the model, scan again at the targets found before. With
     ``unlearn_fraction``, tuning defenses also unlearn the triggers the first scan flagged
-    (``defenses.unlearning``)."""
+    (``defenses.unlearning``) — of ``unlearn_only`` if given (the rest are only measured)."""
     if scope not in SCOPES:
         raise BdauditError(f"--scope must be one of {', '.join(SCOPES)}, not '{scope}'")
     if scope == "head":
@@ -105,7 +106,10 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
         if on_epoch is not None:
             on_epoch(row)
 
-    unlearn = plan_unlearning(triggers, [r.flagged for r in before.triggers], unlearn_fraction, unlearn_family)
+    allowed = None if unlearn_only is None else {id(t) for t in unlearn_only}
+    flagged = [r.flagged and (allowed is None or id(t) in allowed) for t, r in zip(triggers, before.triggers,
+                                                                                   strict=True)]
+    unlearn = plan_unlearning(triggers, flagged, unlearn_fraction, unlearn_family)
     ctx = DefenseContext(classifier=classifier, config=loaded.config, tune=split.tune, device=device,
                          gen=gen, scope=scope, on_epoch=record if track_history else None, unlearn=unlearn)
     used = defense.run(ctx)

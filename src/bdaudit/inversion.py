@@ -111,6 +111,7 @@ class InvertedTrigger(Trigger):
 
     mask: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 1, 1))  # (1, H, W)
     pattern: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 1, 1))  # (C, H, W)
+    target_class: int = -1  # the class it was reversed for (names it in reports)
 
     def _stamp(self, x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
         mask = self.mask.to(x.device, x.dtype)
@@ -141,7 +142,10 @@ class InversionResult:
 
     def trigger(self, cls: int) -> InvertedTrigger:
         i = self.classes.index(cls)
-        return InvertedTrigger(mask=self.masks[i].clone(), pattern=self.patterns[i].clone())
+        return InvertedTrigger(mask=self.masks[i].clone(), pattern=self.patterns[i].clone(), target_class=cls)
+
+    def flagged_triggers(self) -> list[InvertedTrigger]:
+        return [self.trigger(cls) for cls in self.flagged]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (no mask/pattern tensors)."""

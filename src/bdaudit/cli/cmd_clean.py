@@ -93,6 +93,11 @@ def clean(
         help="Share of each tuning batch stamped with the triggers the pre-clean scan flagged (true "
              "labels kept), so tuning unlearns them; 0 turns it off.", rich_help_panel=TUNE)
     ] = DEFAULT_UNLEARN_FRACTION,
+    invert: Annotated[bool, typer.Option(
+        "--invert", help="Also reverse-engineer a trigger per class (Neural Cleanse) before cleaning; "
+                         "outlier classes' triggers are probed and unlearned (for backdoors outside the "
+                         "library; ~40 s per 10 classes on a small CPU model).", rich_help_panel=TUNE)
+    ] = False,
     set_: MethodSettings = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of flag values.")] = None,
     no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
@@ -161,6 +166,7 @@ def clean(
         triggers_file=v["triggers_file"], target=v["target"],
         gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
         force=v["force"], on_epoch=progress, unlearn_fraction=v["unlearn_fraction"],
+        invert=v["invert"],
         sequela=None if v["no_sequela"] else sequela_options(
             v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
         **common)
