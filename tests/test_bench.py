@@ -112,15 +112,21 @@ def test_bench_needs_exactly_one_model_source(clean_dir: Path, eval_dir: Path, t
     assert_usage_error(result, "exactly one source of models")
 
 
-def test_a_variant_label_runs_a_method_with_its_own_settings(bench_run: tuple, manifest: Path, clean_dir: Path,
-                                                             eval_dir: Path) -> None:
-    _, out = bench_run
+def rerun_with(out: Path, manifest: Path, clean_dir: Path, eval_dir: Path, methods: str,
+               *sets: str) -> list[dict]:
+    """Bench the tiny model into ``out`` (whose cache holds the module's ft/sft cells); its cells."""
     result = invoke("bench", "--models", manifest, "--clean-data", clean_dir, "--eval-data", eval_dir,
-                    "--methods", "ft,ft_cosine=ft", "--clean-size", "100", "--set", "ft.epochs=3",
-                    "--set", "ft_cosine.epochs=3", "--set", "ft_cosine.schedule=cosine",
+                    "--methods", methods, "--clean-size", "100", "--set", "ft.epochs=3",
+                    *[arg for item in sets for arg in ("--set", item)],
                     "--reinjection-steps", "10", "--out-dir", out, "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "bench.json").read_text())
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_a_variant_label_runs_a_method_with_its_own_settings(bench_run: tuple, manifest: Path, clean_dir: Path,
+                                                             eval_dir: Path) -> None:
+    report = rerun_with(bench_run[1], manifest, clean_dir, eval_dir, "ft,ft_cosine=ft",
+                        "ft_cosine.epochs=3", "ft_cosine.schedule=cosine")
     assert [c["method"] for c in report["cells"]] == ["ft", "ft_cosine"]
     assert report["reused"] == 1 and report["computed"] == 1  # plain ft came from the cache
     assert report["cells"][1]["settings"]["schedule"] == "cosine"
@@ -128,12 +134,8 @@ def test_a_variant_label_runs_a_method_with_its_own_settings(bench_run: tuple, m
 
 def test_any_method_takes_trigger_unlearning_as_a_variant(bench_run: tuple, manifest: Path, clean_dir: Path,
                                                           eval_dir: Path) -> None:
-    _, out = bench_run
-    result = invoke("bench", "--models", manifest, "--clean-data", clean_dir, "--eval-data", eval_dir,
-                    "--methods", "ft,ft_u=ft", "--clean-size", "100", "--set", "ft.epochs=3",
-                    "--set", "ft_u.epochs=3", "--set", "ft_u.unlearn_fraction=0.3",
-                    "--reinjection-steps", "10", "--out-dir", out, "--device", "cpu", "--quiet")
-    assert result.exit_code == 0, result.output
-    plain, unlearned = json.loads((out / "bench.json").read_text())["cells"]
+    report = rerun_with(bench_run[1], manifest, clean_dir, eval_dir, "ft,ft_u=ft",
+                        "ft_u.epochs=3", "ft_u.unlearn_fraction=0.3")
+    plain, unlearned = report["cells"]
     assert plain["unlearning"] is None and unlearned["unlearning"]["triggers"] == ["badnets"]
     assert unlearned["asr_after"] < 0.05 < 0.3 < plain["asr_after"]

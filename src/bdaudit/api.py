@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bdaudit.checkpoint import LoadedModel, load_model
 from bdaudit.clean import (
     DEFAULT_METHOD,
@@ -26,7 +24,7 @@ from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.errors import BdauditError
-from bdaudit.inversion import inversion_reasons, invert_triggers
+from bdaudit.inversion import inversion_reasons, invert_seeded
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
 from bdaudit.scan import Gates, evaluate_triggers
@@ -107,8 +105,7 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
                                advance=advance)
     sections, reasons = {"scan": scan_section(result)}, scan_reasons(result, gates)
     if invert:
-        inversion = invert_triggers(loaded.classifier(), split.tune, device=device,
-                                    gen=torch.Generator().manual_seed(runtime.seed))
+        inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
         sections["inversion"] = inversion.to_dict()
         reasons += inversion_reasons(sections["inversion"])
     return Report(
@@ -151,8 +148,7 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     chosen = select_triggers(loaded, triggers, triggers_file)
     inversion = None
     if invert:
-        inversion = invert_triggers(loaded.classifier(), split.tune, device=device,
-                                    gen=torch.Generator().manual_seed(runtime.seed))
+        inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
         chosen += inversion.flagged_triggers()
     outcome = run_defense(defense, loaded, split, chosen, scope=scope, device=device, gen=gen,
                           batch_size=runtime.batch_size, gates=gates, target=target,

@@ -30,7 +30,7 @@ from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_preproc
 from bdaudit.defenses import DEFENSES, create_defense
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE
 from bdaudit.errors import BdauditError
-from bdaudit.inversion import invert_triggers
+from bdaudit.inversion import invert_seeded
 from bdaudit.plant import TrainSettings, plant
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
 from bdaudit.sequela.mia import membership_inference
@@ -249,8 +249,7 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
     started = time.perf_counter()
     unlearn_only = None
     if options.pop("unlearn_source") == "inverted":
-        unlearn_only = invert_triggers(loaded.classifier(), split.tune, device=device,
-                                       gen=torch.Generator().manual_seed(plan.seed)).flagged_triggers()
+        unlearn_only = invert_seeded(loaded.classifier(), split.tune, device, plan.seed).flagged_triggers()
         triggers = [*triggers, *unlearn_only]
     outcome = run_defense(defense, loaded, split, triggers, scope="full", device=device, gen=gen,
                           batch_size=256, gates=CleanGates(), target=subject.target, track_history=False,

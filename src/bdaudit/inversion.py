@@ -326,6 +326,12 @@ def trigger_success(classifier: nn.Module, images: torch.Tensor, labels: torch.T
     return hits / len(images)
 
 
+def invert_seeded(classifier: nn.Module, images: ImageSet, device: torch.device, seed: int) -> InversionResult:
+    """``invert_triggers`` at its default settings, seeded: what ``scan``/``clean --invert`` and the
+    bench's ``unlearn_source=inverted`` run."""
+    return invert_triggers(classifier, images, device=device, gen=torch.Generator().manual_seed(seed))
+
+
 def invert_triggers(classifier: nn.Module, images: ImageSet, *, classes: Sequence[int] | None = None,
                     settings: InversionSettings | None = None, device: torch.device | str = "cpu",
                     gen: torch.Generator | None = None, **knobs: Any) -> InversionResult:
