@@ -24,7 +24,7 @@ from bdaudit.errors import BdauditError, DataError
 from bdaudit.runtime import resolve_device, seed_everything
 from bdaudit.scan import evaluate_triggers
 from bdaudit.schedules import Cosine
-from bdaudit.train import Augment, accuracy, make_optimizer, train
+from bdaudit.train import MAX_BATCH, MAX_EPOCHS, Augment, accuracy, make_optimizer, train
 
 CLEAN = "none"  # --attack none plants nothing: a clean reference model
 
@@ -43,8 +43,9 @@ class TrainSettings:
     hflip: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1:
-            raise BdauditError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if not 1 <= self.epochs <= MAX_EPOCHS or not self.lr > 0 or not 1 <= self.batch_size <= MAX_BATCH:
+            raise BdauditError(f"--epochs must be between 1 and {MAX_EPOCHS}, --batch-size between 1 and "
+                               f"{MAX_BATCH} and --lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})")
 
 
 @dataclass
