@@ -22,7 +22,7 @@ from bdaudit.data import (
 )
 from bdaudit.errors import BdauditError, DataError
 from bdaudit.runtime import resolve_device, seed_everything
-from bdaudit.scan import evaluate_triggers
+from bdaudit.scan import evaluate_triggers, trigger_fit_error
 from bdaudit.schedules import Cosine
 from bdaudit.train import MAX_BATCH, MAX_EPOCHS, Augment, accuracy, make_optimizer, train
 
@@ -109,6 +109,9 @@ def train_standalone(net: torch.nn.Module, config: ModelConfig, split: DataSplit
         return classifier
     transform = None
     if attack is not None:
+        problem = trigger_fit_error(attack.trigger, split.tune)
+        if problem is not None:  # found now, not as a crash in the first poisoned batch
+            raise BdauditError(f"{problem}; choose --trigger-params that fit the images")
         poisoned = attack.select(split.tune, gen)
 
         def transform(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,

@@ -95,6 +95,17 @@ def model_inputs(model: Path | None, model_config: Path | None) -> list[Path | N
     return [model, model_config, Path(model).with_suffix(".yaml")]
 
 
+def trigger_inputs(specs: Iterable[str] | None) -> list[Path]:
+    """Files a ``--trigger`` spec reads (``custom:image=...,mask=...``): inputs too."""
+    found = []
+    for spec in specs or ():
+        for item in spec.partition(":")[2].split(","):
+            key, sep, value = item.partition("=")
+            if sep and key.strip() in ("image", "mask") and value.strip():
+                found.append(Path(value.strip()))
+    return found
+
+
 def guarded(func: F | None = None, *, rollback: bool = True) -> Any:
     """One line per error with the documented exit code; a traceback only with --debug.
 

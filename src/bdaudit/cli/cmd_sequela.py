@@ -26,6 +26,7 @@ from bdaudit.cli.app import (
     guard_outputs,
     guarded,
     model_inputs,
+    trigger_inputs,
 )
 from bdaudit.sequela.audit import SequelaGates
 
@@ -75,7 +76,7 @@ def sequela(
     --reference."""
     guard_outputs([("--json", json_out)],
                   [*model_inputs(model, None), *model_inputs(original, None), *model_inputs(reference, None),
-                   data, eval_data, members])
+                   data, eval_data, members, *trigger_inputs(trigger)])
     console, show = consoles(json_out, quiet)
     report = api.sequela(model, api.DataOptions(data, eval_data, holdout), original=original,
                          options=sequela_options(members, reference, max_mia_auc, max_reinjection_asr,
