@@ -9,6 +9,7 @@ import pytest
 from helpers import assert_usage_error, invoke, read_report
 
 from bdaudit import api
+from bdaudit.errors import TriggerError
 from bdaudit.plant import PlantResult
 from bdaudit.scan import Gates
 
@@ -91,11 +92,11 @@ def test_same_seed_same_numbers(badnets_model: PlantResult, eval_dir: Path) -> N
     assert numbers() == numbers()
 
 
-def test_trigger_that_does_not_fit_is_reported_not_fatal(badnets_model: PlantResult, eval_dir: Path) -> None:
-    report = api.scan(badnets_model.path, api.DataOptions(eval_dir), triggers=["badnets:size=40"],
-                      runtime=api.Runtime("cpu"))
-    row = report.sections["scan"]["triggers"][0]
-    assert row["asr"] is None and "does not fit" in row["error"]
+def test_named_trigger_that_does_not_fit_is_bad_input(badnets_model: PlantResult, eval_dir: Path) -> None:
+    # A trigger the user asked for that cannot be applied is an error (issue 17), not a silent skip.
+    with pytest.raises(TriggerError, match="does not fit"):
+        api.scan(badnets_model.path, api.DataOptions(eval_dir), triggers=["badnets:size=40"],
+                 runtime=api.Runtime("cpu"))
 
 
 def test_schema_command_prints_the_schema() -> None:

@@ -23,11 +23,11 @@ from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_data, r
 from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
-from bdaudit.errors import BdauditError
+from bdaudit.errors import BdauditError, TriggerError
 from bdaudit.inversion import inversion_reasons, invert_seeded
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
-from bdaudit.scan import Gates, evaluate_triggers
+from bdaudit.scan import Gates, evaluate_triggers, trigger_fit_error
 from bdaudit.sequela.audit import SequelaGates, audit_sequela, reinjection_probe, sequela_reasons
 from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
 from bdaudit.triggers.base import model_triggers
@@ -68,12 +68,17 @@ class DataOptions:
 
 
 def select_triggers(loaded: LoadedModel, specs: Sequence[str] = (),
-                    file: str | Path | None = None) -> list[Trigger]:
+                    file: str | Path | None = None, data: ImageSet | None = None) -> list[Trigger]:
     """``--trigger`` specs and ``--triggers FILE`` if given, else the whole default library plus
-    any trigger the checkpoint itself carries (e.g. an Input-aware generator)."""
+    any trigger the checkpoint itself carries (e.g. an Input-aware generator). A trigger the user
+    named that does not fit ``data``'s images is bad input (a library default is only skipped)."""
     chosen = [parse_trigger(spec) for spec in specs]
     if file is not None:
         chosen += load_trigger_file(Path(file))
+    for trigger in chosen if data is not None and len(data) else ():
+        problem = trigger_fit_error(trigger, data)
+        if problem is not None:
+            raise TriggerError(f"{problem}; choose parameters that fit the images")
     return chosen or default_triggers() + model_triggers(loaded.aux)
 
 
@@ -98,7 +103,7 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
     device = resolve_device(runtime.device)
     seed_everything(runtime.seed)
     loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
-    chosen = select_triggers(loaded, triggers, triggers_file)
+    chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
     advance = progress("scanning", len(split.heldout)) if progress else None
     result = evaluate_triggers(loaded.classifier(), split.heldout, chosen, device=device,
                                batch_size=runtime.batch_size, target=target, gates=gates,
@@ -145,7 +150,7 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     device = resolve_device(runtime.device)
     gen = seed_everything(runtime.seed)
     loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
-    chosen = select_triggers(loaded, triggers, triggers_file)
+    chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
     inversion = None
     if invert:
         inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
@@ -228,7 +233,7 @@ def sequela(model_path: str | Path, data: DataOptions, *, original: str | Path |
     if original is not None:
         models["original"] = probe_model = load_model(original, model_flags, model_config).classifier()
     models.update(_reference(options, model_flags, model_config))
-    chosen = select_triggers(loaded, triggers, triggers_file)
+    chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
     found = evaluate_triggers(probe_model, split.heldout, chosen, device=device,
                               batch_size=runtime.batch_size, target=target)
     section = audit_sequela(models, tune=split.tune, heldout=split.heldout,

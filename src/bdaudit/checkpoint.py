@@ -9,11 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import os
 import pickle
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +29,7 @@ from bdaudit.config import (
     write_metadata,
 )
 from bdaudit.errors import BdauditError, CheckpointError
+from bdaudit.outputs import atomic_output  # noqa: F401  (re-exported: output safety lives in outputs.py)
 
 AUX_PREFIX = "bdaudit_aux."  # tensors that ride along (e.g. an Input-aware trigger generator)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -194,27 +191,6 @@ def with_head_from_model(config: ModelConfig, net: nn.Module) -> ModelConfig:
     if isinstance(head, str) and head in dict(net.named_modules()):
         return dataclasses.replace(config, head=head)
     return config
-
-
-@contextmanager
-def atomic_output(path: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; rename it into place only if the block succeeds."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise BdauditError(f"output {path} already exists; choose another path or pass --force")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp creates 0600; give the output the permissions any new file would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_model(net: nn.Module, config: ModelConfig, path: str | Path, force: bool = False,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,46 +55,101 @@ class ModelConfig:
         return dataclasses.replace(self, provenance={**self.provenance, **entries})
 
 
-def _normalize_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
+# Bounds that keep a hostile config from asking for absurd allocations before anything is checked.
+MAX_CLASSES = 100_000
+MAX_SIDE = 4096
+MAX_CHANNELS = 64
+
+
+def _int(value: Any, key: str, low: int, high: int) -> int:
+    # bool is an int subclass and floats truncate silently: both are refused, like strings.
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{key} must be a whole number, not {type(value).__name__}")
+    number = int(value)
+    if not low <= number <= high:
+        raise ValueError(f"{key} must be between {low} and {high}, not {number}")
+    return number
+
+
+def _stats(value: Any, key: str) -> tuple[float, ...]:
+    values = value if isinstance(value, list | tuple) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int | float | str) for v in values):
+        raise ValueError(f"{key} must be a number or a list of numbers")
+    out = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{key} must be finite numbers, not {list(out)}")
+    if key == "std" and any(v <= 0 for v in out):
+        raise ValueError(f"std must be positive (it divides every pixel), not {list(out)}")
+    return out
+
+
+def _normalize_fields(raw: Any, source: str) -> dict[str, Any]:
     """Validate and coerce a partial config from metadata, YAML or flags."""
-    unknown = sorted(set(raw) - set(CONFIG_FIELDS))
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: the model config must be a mapping of {', '.join(CONFIG_FIELDS)}, "
+                              f"not {type(raw).__name__}")
+    unknown = sorted(str(k) for k in set(raw) - set(CONFIG_FIELDS))
     if unknown:
         raise CheckpointError(f"{source}: unknown model-config keys {unknown}; "
                               f"allowed: {', '.join(CONFIG_FIELDS)}")
     out = {k: v for k, v in raw.items() if v is not None}
     try:
+        if "arch" in out and (not isinstance(out["arch"], str) or not out["arch"].strip()):
+            raise ValueError("arch must be a non-empty name")
         if "num_classes" in out:
-            out["num_classes"] = int(out["num_classes"])
+            out["num_classes"] = _int(out["num_classes"], "num_classes", 1, MAX_CLASSES)
         if "in_chans" in out:
-            out["in_chans"] = int(out["in_chans"])
+            out["in_chans"] = _int(out["in_chans"], "in_chans", 1, MAX_CHANNELS)
         if "input_size" in out:
             size = out["input_size"]
+            if isinstance(size, str) or not isinstance(size, int | list | tuple) or isinstance(size, bool):
+                raise ValueError(f"input_size must be a number or [H, W], not {type(size).__name__}")
             size = [size, size] if isinstance(size, int) else list(size)
+            size = size * 2 if len(size) == 1 else size  # one number: square
             if len(size) == 3:  # timm's (C, H, W)
-                out.setdefault("in_chans", int(size[0]))
+                out.setdefault("in_chans", _int(size[0], "in_chans", 1, MAX_CHANNELS))
                 size = size[1:]
-            out["input_size"] = (int(size[0]), int(size[1]))
+            if len(size) != 2:
+                raise ValueError(f"input_size must be [H, W], not {len(size)} numbers")
+            out["input_size"] = (_int(size[0], "input_size", 1, MAX_SIDE), _int(size[1], "input_size", 1, MAX_SIDE))
         for key in ("mean", "std"):
             if key in out:
-                value = out[key]
-                out[key] = tuple(float(v) for v in (value if isinstance(value, list | tuple) else [value]))
+                out[key] = _stats(out[key], key)
         if "class_names" in out:
-            out["class_names"] = tuple(str(c) for c in out["class_names"])
+            names = out["class_names"]
+            if not isinstance(names, list | tuple) or not all(isinstance(c, str | int) for c in names):
+                raise ValueError("class_names must be a list of names")
+            out["class_names"] = tuple(str(c) for c in names)
         if "hflip" in out:
-            out["hflip"] = bool(out["hflip"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: malformed model config ({exc})") from None
+            flag = out["hflip"]
+            flag = {"true": True, "false": False}.get(flag.lower(), flag) if isinstance(flag, str) else flag
+            if not isinstance(flag, bool):
+                raise ValueError("hflip must be true or false")
+            out["hflip"] = flag
+        if "head" in out and not isinstance(out["head"], str):
+            raise ValueError("head must be a module name")
+        for key in ("arch_kwargs", "provenance"):
+            if key in out and not isinstance(out[key], dict):
+                raise ValueError(f"{key} must be a mapping, not {type(out[key]).__name__}")
+        if "arch_kwargs" in out and not all(isinstance(k, str) for k in out["arch_kwargs"]):
+            raise ValueError("arch_kwargs keys must be names")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{source}: malformed model config ({exc}); fix it or override it with "
+                              "flags or --model-config") from None
     return out
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:
     """A YAML model config (``MODEL.yaml`` next to the checkpoint, or ``--model-config``)."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read model config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise CheckpointError(f"model config {path} is not valid YAML ({problem})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"model config {path} must be a YAML mapping of {CONFIG_FIELDS}")
+        raise CheckpointError(f"model config {path} must be a YAML mapping of {', '.join(CONFIG_FIELDS)}")
     return _normalize_fields(data, str(path))
 
 
@@ -104,13 +160,18 @@ def read_metadata(metadata: dict[str, str] | None) -> dict[str, Any]:
     if METADATA_KEY in metadata:
         try:
             return _normalize_fields(json.loads(metadata[METADATA_KEY]), "checkpoint metadata")
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"checkpoint metadata '{METADATA_KEY}' is not JSON: {exc}") from None
-    flat = {("arch" if k == "architecture" else k): v for k, v in metadata.items()
-            if k in CONFIG_FIELDS or k == "architecture"}
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"checkpoint metadata '{METADATA_KEY}' is not valid JSON ({exc}); "
+                                  "override it with --model-config or flags") from None
+    flat: dict[str, Any] = {("arch" if k == "architecture" else k): v for k, v in metadata.items()
+                            if k in CONFIG_FIELDS or k == "architecture"}
     for key, value in list(flat.items()):
         if isinstance(value, str) and value[:1] in "[{":
-            flat[key] = json.loads(value)
+            try:
+                flat[key] = json.loads(value)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise CheckpointError(f"checkpoint metadata '{key}' is not valid JSON ({exc}); "
+                                      "override it with --model-config or flags") from None
     return _normalize_fields(flat, "checkpoint metadata")
 
 

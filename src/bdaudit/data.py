@@ -7,6 +7,8 @@ floats in [0, 1] (triggers act there) and the classifier normalises (see ``Norma
 from __future__ import annotations
 
 import hashlib
+import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,13 @@ def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.
 
 
 def _read_image(path: Path, prep: Preprocessing) -> np.ndarray:
+    # PIL only warns between its pixel limit and twice it; a file that size is refused as well.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _decode(path, prep)
+
+
+def _decode(path: Path, prep: Preprocessing) -> np.ndarray:
     with Image.open(path) as img:
         img = img.convert(prep.pil_mode)
         height, width = prep.input_size
@@ -132,7 +141,11 @@ def load_image_folder(root: str | Path, prep: Preprocessing,
         for path in paths:
             try:
                 arrays.append(_read_image(path, prep))
-            except (UnidentifiedImageError, OSError, ValueError):
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise DataError(f"{root}: image {path.relative_to(root)} has more pixels than the "
+                                f"decompression-bomb limit ({Image.MAX_IMAGE_PIXELS}); remove or shrink "
+                                "it") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error):
                 unreadable.append(str(path.relative_to(root)))
                 continue
             labels.append(names.index(name))

@@ -22,9 +22,9 @@ from bdaudit.data import (
 )
 from bdaudit.errors import BdauditError, DataError
 from bdaudit.runtime import resolve_device, seed_everything
-from bdaudit.scan import evaluate_triggers
+from bdaudit.scan import evaluate_triggers, trigger_fit_error
 from bdaudit.schedules import Cosine
-from bdaudit.train import Augment, accuracy, make_optimizer, train
+from bdaudit.train import MAX_BATCH, MAX_EPOCHS, Augment, accuracy, make_optimizer, train
 
 CLEAN = "none"  # --attack none plants nothing: a clean reference model
 
@@ -43,8 +43,9 @@ class TrainSettings:
     hflip: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1:
-            raise BdauditError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if not 1 <= self.epochs <= MAX_EPOCHS or not self.lr > 0 or not 1 <= self.batch_size <= MAX_BATCH:
+            raise BdauditError(f"--epochs must be between 1 and {MAX_EPOCHS}, --batch-size between 1 and "
+                               f"{MAX_BATCH} and --lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})")
 
 
 @dataclass
@@ -108,6 +109,9 @@ def train_standalone(net: torch.nn.Module, config: ModelConfig, split: DataSplit
         return classifier
     transform = None
     if attack is not None:
+        problem = trigger_fit_error(attack.trigger, split.tune)
+        if problem is not None:  # found now, not as a crash in the first poisoned batch
+            raise BdauditError(f"{problem}; choose --trigger-params that fit the images")
         poisoned = attack.select(split.tune, gen)
 
         def transform(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,

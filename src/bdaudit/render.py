@@ -7,11 +7,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bdaudit.report import Report
 
+MAX_SCHEDULE_ROWS = 64
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
@@ -24,12 +26,13 @@ def scan_table(scan: dict[str, Any], title: str = "Trigger probes") -> Table:
         table.add_column(column, justify="left" if column in ("trigger", "target") else "right")
     for row in scan["triggers"]:
         if row["error"]:
-            table.add_row(row["spec"], "—", "—", "—", "—", f"[yellow]skipped: {row['error']}")
+            table.add_row(escape(row["spec"]), "—", "—", "—", "—", f"[yellow]skipped: {escape(row['error'])}")
             continue
-        target = f"{row['target_name']}" + (" (given)" if row["target_fixed"] else "")
+        # Class names come from the model file: escaped, so they cannot inject (or break) markup.
+        target = escape(f"{row['target_name']}") + (" (given)" if row["target_fixed"] else "")
         verdict = "[green]ok" if not row["flagged"] else \
             "[bold red]BACKDOOR (family)" if row.get("flag_reason") == "family" else "[bold red]BACKDOOR"
-        table.add_row(row["spec"], target, _pct(row["asr"]), _pct(row["null_asr"]),
+        table.add_row(escape(row["spec"]), target, _pct(row["asr"]), _pct(row["null_asr"]),
                       _pct(row["robust_accuracy"]), verdict)
     return table
 
@@ -45,7 +48,7 @@ def clean_tables(clean: dict[str, Any]) -> list[Any]:
         if b["error"]:
             continue
         style = "[bold red]" if a["flagged"] else "[green]"
-        table.add_row(f"ASR {b['spec']}", str(b["target_name"]), _pct(b["asr"]), style + _pct(a["asr"]))
+        table.add_row(escape(f"ASR {b['spec']}"), escape(str(b["target_name"])), _pct(b["asr"]), style + _pct(a["asr"]))
     renderables: list[Any] = [table]
     schedule = clean["hyperparameters"].get("schedule")
     if schedule:
@@ -77,7 +80,8 @@ def render_schedule(plan: dict[str, Any], console: Console) -> None:
     table.add_column("lr", justify="right")
     table.add_column("", justify="left")
     top = max(schedule.lr_peak1, schedule.lr_peak2)
-    stride = max(1, schedule.cycle_steps // 4)
+    # Bounded: a huge --epochs must print a readable table at once, not millions of rows.
+    stride = max(1, schedule.cycle_steps // 4, -(-schedule.total_steps // MAX_SCHEDULE_ROWS))
     for step in range(0, schedule.total_steps, stride):
         rate = schedule(step)
         table.add_row(str(step), str(schedule.phase(step)), f"{rate:.4g}", "█" * round(30 * rate / top))
@@ -135,7 +139,7 @@ SECTION_RENDERERS: dict[str, Callable[[dict[str, Any]], list[Any]]] = {
 def render_report(report: Report, console: Console) -> None:
     payload = report.to_dict()
     model = payload["model"]
-    console.print(f"[bold]{report.kind}[/] {model['path']}  ({model['arch']}, "
+    console.print(f"[bold]{report.kind}[/] {escape(str(model['path']))}  ({escape(str(model['arch']))}, "
                   f"{model['parameters']:,} parameters, {model['num_classes']} classes; "
                   f"class order from {payload['data']['class_order']})")
     for name, section in report.sections.items():
@@ -146,7 +150,7 @@ def render_report(report: Report, console: Console) -> None:
     if report.passed:
         console.print(f"[bold green]PASS[/] in {report.wall_time_s:.1f}s")
     else:
-        console.print("[bold red]FAIL[/]: " + "; ".join(report.reasons))
+        console.print("[bold red]FAIL[/]: " + escape("; ".join(report.reasons)))
 
 
 @contextmanager

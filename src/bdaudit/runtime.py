@@ -29,6 +29,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed every global RNG and return a CPU generator for explicit random choices."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise BdauditError(f"--seed must be a whole number from 0 to 2**63-1, not {seed!r}")
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

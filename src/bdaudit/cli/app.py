@@ -1,66 +1,155 @@
 """The typer app, shared options and the error/exit-code policy.
 
-Exit codes: 0 passed, 1 a gate failed, 2 bad input or usage, 3 internal error, 130 interrupted.
+Exit codes: 0 passed, 1 a gate failed, 2 bad input or usage, 3 internal error, 130 interrupted,
+143 terminated (SIGTERM). Every error is one ``error:`` line printed verbatim (never as markup).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
 
+try:  # typer >= 0.2x carries its own copy of click; older typer uses click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+from bdaudit.cli.entry import EXIT_INTERRUPTED, interrupted_exit_code, main  # noqa: F401  (main: entry point)
 from bdaudit.errors import BdauditError
+from bdaudit.outputs import check_outputs, output_transaction
 from bdaudit.report import Report
 
-EXIT_PASS, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_PASS, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_TERMINATED = 143
+
+
+def one_line(message: str) -> str:
+    """Multi-line messages (YAML parser errors, wrapped exceptions) joined into one line."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr; MESSAGE is plain text, so paths like ``in/no[/]pe`` print as is."""
+    text = Text.assemble(("error:", "bold red"), " ", one_line(message))
+    try:
+        Console(stderr=True, highlight=False).print(text, soft_wrap=True)
+    except Exception:  # noqa: BLE001 - the printer of last resort must not fail itself
+        sys.stderr.write(f"error: {one_line(message)}\n")
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, missing argument, bad value) as one ``error:`` line, not
+    click/typer's framed usage box."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(EXIT_USAGE)
+        except click_exceptions.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click_exceptions.UsageError) and exc.ctx is not None:
+                hint = f"; see '{exc.ctx.command_path} --help'"
+            print_error(exc.format_message().rstrip(".") + hint)
+            sys.exit(EXIT_USAGE)
+        except typer.Abort:
+            print_error("interrupted; no output was written")
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else EXIT_PASS)
+
 
 app = typer.Typer(name="bdaudit", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False,
+                  pretty_exceptions_enable=False, cls=OneLineErrors,
                   help="Audit image classifiers for backdoors and remove them by super-fine-tuning.")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    print_error(message)
     return typer.Exit(code)
 
 
-def guarded(func: F) -> F:
-    """One line per error with the documented exit code; a traceback only with --debug."""
+def guard_outputs(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path | None]) -> None:
+    """Before any work: refuse outputs that are inputs (or each other) or cannot be written.
+    Every command passes ALL its output flags and ALL its input paths (see ``bdaudit.outputs``)."""
+    check_outputs(outputs, inputs)
+
+
+def model_inputs(model: Path | None, model_config: Path | None) -> list[Path | None]:
+    """A checkpoint and the config files that describe it (the default sidecar too)."""
+    if model is None:
+        return [model_config]
+    return [model, model_config, Path(model).with_suffix(".yaml")]
+
+
+def trigger_inputs(specs: Iterable[str] | None) -> list[Path]:
+    """Files a ``--trigger`` spec reads (``custom:image=...,mask=...``): inputs too."""
+    found = []
+    for spec in specs or ():
+        for item in spec.partition(":")[2].split(","):
+            key, sep, value = item.partition("=")
+            if sep and key.strip() in ("image", "mask") and value.strip():
+                found.append(Path(value.strip()))
+    return found
+
+
+def guarded(func: F | None = None, *, rollback: bool = True) -> Any:
+    """One line per error with the documented exit code; a traceback only with --debug.
+
+    The command runs inside an output transaction: when it ends with an error or an interrupt
+    (any exit code but 0 and 1), every file it wrote is rolled back. ``rollback=False`` keeps
+    them (bench: its planted models and cell cache are what resuming is for).
+    """
+    if func is None:
+        return functools.partial(guarded, rollback=rollback)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
         try:
-            return func(*args, **kwargs)
+            with output_transaction() as txn:
+                try:
+                    result = func(*args, **kwargs)
+                except typer.Exit as exc:
+                    if exc.exit_code in (EXIT_PASS, EXIT_GATE) or not rollback:
+                        txn.commit()  # a finished verdict (or a resumable bench) keeps its outputs
+                    raise
+                except BaseException:
+                    if not rollback:
+                        txn.commit()
+                    raise
+                txn.commit()
+                return result
         except typer.Exit:
             raise
         except BdauditError as exc:
             if debug:
                 raise
             raise fail(str(exc), EXIT_USAGE) from None
-        except KeyboardInterrupt:
-            raise fail("interrupted; no output was written", EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            word = "terminated" if interrupted_exit_code(exc) == EXIT_TERMINATED else "interrupted"
+            raise fail(f"{word}; no output was written" if rollback else f"{word}; rerun to resume",
+                       interrupted_exit_code(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence maps to exit 3
             if debug:
                 raise
             raise fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
                        "a traceback and report it)", EXIT_INTERNAL) from None
 
-    return wrapper  # type: ignore[return-value]
-
-
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
+    return wrapper
 
 
 # Options shared by several commands: declared once so every command spells them the same way.
@@ -154,28 +243,54 @@ def consoles(json_out: str | None, quiet: bool) -> tuple[Console, bool]:
     return console, not quiet
 
 
+def _flag_value(ctx: typer.Context, key: str, value: Any, raw_key: Any, config: Path) -> Any:
+    """A --config value converted and checked as if it had been typed as that flag."""
+    if key == "set_":
+        if isinstance(value, dict | list):
+            return value
+        raise BdauditError(f"--config {config}: 'set' must be a mapping of setting names to values or a "
+                           f"list of KEY=VALUE, not {type(value).__name__}")
+    param = next((p for p in ctx.command.params if p.name == key), None)
+    if param is None or value is None:
+        return value
+    if param.multiple and not isinstance(value, list):
+        value = [value]
+    if isinstance(value, dict) or (isinstance(value, list) and not param.multiple):
+        raise BdauditError(f"--config {config}: '{raw_key}' takes a single value, not a "
+                           f"{type(value).__name__}")
+    if isinstance(value, bool) and not getattr(param, "is_bool_flag", False):
+        raise BdauditError(f"--config {config}: '{raw_key}' takes a value, not true/false")
+    try:
+        return param.process_value(ctx, value)
+    except (click_exceptions.ClickException, TypeError, ValueError) as exc:
+        message = exc.format_message() if isinstance(exc, click_exceptions.ClickException) else str(exc)
+        raise BdauditError(f"--config {config}: '{raw_key}': {message}") from None
+
+
 def merge_config(ctx: typer.Context, config: Path | None, values: dict[str, Any]) -> dict[str, Any]:
     """``--config FILE.yaml``: its keys (flag names) fill every flag not given on the command
-    line; a flag typed explicitly wins."""
+    line; a flag typed explicitly wins. Values are checked with the flag's own type."""
     if config is None:
         return values
     import yaml
 
     try:
-        loaded = yaml.safe_load(config.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise BdauditError(f"cannot read --config {config}: {exc}") from None
+        loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BdauditError(f"cannot read --config {config}: {one_line(str(exc))}") from None
+    except yaml.YAMLError as exc:
+        raise BdauditError(f"--config {config} is not valid YAML ({one_line(str(exc))}); fix the file") from None
     if not isinstance(loaded, dict):
         raise BdauditError(f"--config {config} must be a YAML mapping of flag names to values")
     merged = dict(values)
     for raw_key, value in loaded.items():
         key = str(raw_key).lstrip("-").replace("-", "_")
         key = "set_" if key == "set" else key  # `set:` holds method settings (a mapping or KEY=VALUE list)
-        if key not in values or key in ("config", "model"):
+        if key not in values or key in ("config", "model", "ctx"):
             raise BdauditError(f"--config {config}: '{raw_key}' is not a flag of this command")
         # Compared by name: typer may ship its own copy of click's ParameterSource enum.
         if getattr(ctx.get_parameter_source(key), "name", "DEFAULT") in ("DEFAULT", "DEFAULT_MAP"):
-            merged[key] = value
+            merged[key] = _flag_value(ctx, key, value, raw_key, config)
     return merged
 
 
@@ -188,6 +303,6 @@ def finish(report: Report, json_out: str | None, console: Console, show: bool) -
     if show:
         render_report(report, console)
     elif not report.passed:
-        console.print("FAIL: " + "; ".join(report.reasons))
+        console.print("FAIL: " + "; ".join(report.reasons), markup=False)
     if not report.passed:
         raise typer.Exit(EXIT_GATE)

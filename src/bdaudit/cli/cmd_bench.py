@@ -17,13 +17,14 @@ from bdaudit.bench import (
     run_bench,
     subjects_from_manifest,
 )
-from bdaudit.cli.app import Debug, Device, Quiet, Seed, app, guarded, parse_settings
+from bdaudit.cli.app import Debug, Device, Quiet, Seed, app, guard_outputs, guarded, parse_settings
 from bdaudit.defenses import DEFENSES
 from bdaudit.errors import BdauditError
 from bdaudit.plant import TrainSettings
 from bdaudit.render import bench_tables
 
 PLANT = "Planting (without --models)"
+BENCH_OUTPUTS = ("cells.jsonl", "bench.json", "bench.csv", "scatter.png")
 
 
 def split_names(text: str | None) -> list[str]:
@@ -43,7 +44,7 @@ def method_settings(items: list[str] | None, methods: list[str]) -> dict[str, di
 
 
 @app.command()
-@guarded
+@guarded(rollback=False)
 def bench(
     clean_data: Annotated[Path, typer.Option(help="Clean labelled images the defenses tune on "
                                              "(subsets of it are drawn per --clean-size).", show_default=False)],
@@ -83,6 +84,8 @@ def bench(
     Cells already in OUT_DIR/cells.jsonl (same model, data, settings, seed) are reused, so an
     interrupted bench resumes where it stopped. Exit 0 on completion, 2 on bad input.
     """
+    guard_outputs([("--out-dir", out_dir / name) for name in BENCH_OUTPUTS],
+                  [clean_data, eval_data, models, data])
     console = Console(highlight=False)
     chosen_methods = split_names(methods) or sorted(DEFENSES)
     subjects: list[Subject]
@@ -90,6 +93,7 @@ def bench(
         raise BdauditError("bench needs exactly one source of models: --models MANIFEST or --data DIR to plant on")
     if models is not None:
         subjects = subjects_from_manifest(models, split_names(attacks))
+        guard_outputs([("--out-dir", out_dir / name) for name in BENCH_OUTPUTS], [s.path for s in subjects])
     else:
         assert data is not None
         names = split_names(attacks)

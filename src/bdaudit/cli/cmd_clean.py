@@ -37,10 +37,13 @@ from bdaudit.cli.app import (
     app,
     consoles,
     finish,
+    guard_outputs,
     guarded,
     merge_config,
     model_flags,
+    model_inputs,
     parse_settings,
+    trigger_inputs,
 )
 from bdaudit.cli.cmd_sequela import (
     MaxMiaAuc,
@@ -141,6 +144,9 @@ def clean(
     """
     v = merge_config(ctx, config, dict(locals()))
     v.pop("ctx")
+    guard_outputs([("--out", v["out"]), ("--json", v["json_out"])],
+                  [*model_inputs(v["model"], v["model_config"]), v["data"], v["eval_data"], v["members"],
+                   *model_inputs(v["reference"], None), config, v["triggers_file"], *trigger_inputs(v["trigger"])])
     settings: dict[str, Any] = {**parse_settings(v["set_"]),
                                 **{k: v[k] for k in SETTING_FLAGS if v[k] is not None}}
     console, show = consoles(v["json_out"], v["quiet"])

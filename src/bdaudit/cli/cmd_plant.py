@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed, app, guarded
+from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed, app, guard_outputs, guarded
 from bdaudit.errors import BdauditError
 from bdaudit.paradigms import TRANSFER_SETTINGS, plant_encoder, plant_transfer
 from bdaudit.plant import CLEAN, PlantResult, TrainSettings
@@ -75,10 +75,12 @@ def plant(
     """Train a backdoored model on clean data (or a clean reference with --attack none)."""
     if paradigm not in PARADIGMS:
         raise BdauditError(f"--paradigm must be one of {', '.join(PARADIGMS)}, not '{paradigm}'")
-    console = Console(highlight=False)
+    guard_outputs([("--out", out)], [data, eval_data, upstream, downstream_data])
+    console = Console(highlight=False, markup=False)
     defaults = TRANSFER_SETTINGS if paradigm == "transfer" else TrainSettings()
-    settings = TrainSettings(epochs=epochs or defaults.epochs, lr=lr or defaults.lr, batch_size=batch_size,
-                             hflip=hflip)
+    # `is None`, not `or`: an explicit 0 must be refused by TrainSettings, not replaced by the default.
+    settings = TrainSettings(epochs=defaults.epochs if epochs is None else epochs,
+                             lr=defaults.lr if lr is None else lr, batch_size=batch_size, hflip=hflip)
 
     def progress(epoch: int, loss: float) -> None:
         if not quiet:

@@ -35,8 +35,11 @@ from bdaudit.cli.app import (
     app,
     consoles,
     finish,
+    guard_outputs,
     guarded,
     model_flags,
+    model_inputs,
+    trigger_inputs,
 )
 from bdaudit.render import progress_bars
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN, Gates
@@ -77,6 +80,9 @@ def scan(
 
     Exit 0 when no trigger reaches --fail-asr, 1 when one does, 2 on bad input.
     """
+    guard_outputs([("--json", json_out)],
+                  [*model_inputs(model, model_config), data, eval_data, triggers_file,
+                   *trigger_inputs(trigger)])
     console, show = consoles(json_out, quiet)
     with progress_bars(console, show and console.is_terminal) as progress:
         report = api.scan(

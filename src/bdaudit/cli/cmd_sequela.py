@@ -23,7 +23,10 @@ from bdaudit.cli.app import (
     app,
     consoles,
     finish,
+    guard_outputs,
     guarded,
+    model_inputs,
+    trigger_inputs,
 )
 from bdaudit.sequela.audit import SequelaGates
 
@@ -71,6 +74,9 @@ def sequela(
     """Backdoor sequela of MODEL: membership-inference exposure (members: the tuning part of --data,
     and --members) and how fast a retuning attack brings the backdoor back, beside --original and
     --reference."""
+    guard_outputs([("--json", json_out)],
+                  [*model_inputs(model, None), *model_inputs(original, None), *model_inputs(reference, None),
+                   data, eval_data, members, *trigger_inputs(trigger)])
     console, show = consoles(json_out, quiet)
     report = api.sequela(model, api.DataOptions(data, eval_data, holdout), original=original,
                          options=sequela_options(members, reference, max_mia_auc, max_reinjection_asr,

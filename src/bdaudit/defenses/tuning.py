@@ -8,7 +8,17 @@ from dataclasses import dataclass
 from bdaudit.defenses.base import DefenseContext
 from bdaudit.errors import BdauditError
 from bdaudit.schedules import Constant, Cosine
-from bdaudit.train import Augment, LossFunction, LrFunction, StepFunction, make_optimizer, steps_per_epoch, train
+from bdaudit.train import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    Augment,
+    LossFunction,
+    LrFunction,
+    StepFunction,
+    make_optimizer,
+    steps_per_epoch,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -26,10 +36,12 @@ class TuneSettings:
     augment_pad: int = 2
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise BdauditError(f"--epochs must be at least 1, not {self.epochs}")
-        if self.batch_size < 1:
-            raise BdauditError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise BdauditError(f"--epochs must be between 1 and {MAX_EPOCHS}, not {self.epochs}")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise BdauditError(f"--batch-size must be between 1 and {MAX_BATCH}, not {self.batch_size}")
+        if self.min_steps > MAX_EPOCHS * MAX_BATCH:
+            raise BdauditError(f"--min-steps must be at most {MAX_EPOCHS * MAX_BATCH}, not {self.min_steps}")
         if self.min_steps < 0:
             raise BdauditError(f"--min-steps must be >= 0, not {self.min_steps}")
         if not 0.0 <= self.momentum < 1.0:
