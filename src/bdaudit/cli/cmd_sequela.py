@@ -9,21 +9,30 @@ import typer
 
 from bdaudit import api
 from bdaudit.cli.app import (
+    Arch,
+    ClassNames,
     DataDir,
     Debug,
     Device,
     EvalDir,
     Holdout,
+    InChans,
+    InputSize,
     JsonOut,
+    Mean,
+    ModelConfigFile,
     ModelPath,
+    NumClasses,
     Quiet,
     Seed,
+    Std,
     Target,
     TriggerSpecs,
     app,
     consoles,
     finish,
     guarded,
+    model_flags,
 )
 from bdaudit.sequela.audit import SequelaGates
 
@@ -62,6 +71,14 @@ def sequela(
     holdout: Holdout = 0.2,
     trigger: TriggerSpecs = None,
     target: Target = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    in_chans: InChans = None,
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    class_names: ClassNames = None,
+    model_config: ModelConfigFile = None,
     device: Device = "auto",
     seed: Seed = 0,
     json_out: JsonOut = None,
@@ -75,5 +92,7 @@ def sequela(
     report = api.sequela(model, api.DataOptions(data, eval_data, holdout), original=original,
                          options=sequela_options(members, reference, max_mia_auc, max_reinjection_asr,
                                                  reinjection_steps),
-                         triggers=trigger or (), target=target, runtime=api.Runtime(device, 256, seed))
+                         triggers=trigger or (), target=target, runtime=api.Runtime(device, 256, seed),
+                         model_flags=model_flags(arch, num_classes, in_chans, input_size, mean, std, class_names),
+                         model_config=model_config)
     finish(report, json_out, console, show)
