@@ -121,7 +121,12 @@ def build_model(config: ModelConfig, *, user_arch: bool = False) -> nn.Module:
     ``user_arch`` says ``config.arch`` and ``config.arch_kwargs`` are the user's own (flag or
     --model-config): only then may the arch be a ``module:callable`` and the kwargs go through
     unfiltered. Otherwise both come from a model file and are held to the registry rules."""
-    kwargs = dict(config.arch_kwargs) if user_arch else file_arch_kwargs(config.arch_kwargs, "model config")
+    if user_arch:
+        kwargs = dict(config.arch_kwargs)
+    elif is_import_path(config.arch):
+        kwargs = {}  # refused below, before a file's arguments are even looked at
+    else:
+        kwargs = file_arch_kwargs(config.arch_kwargs, "model config")
     return build_architecture(config.arch, config.num_classes, config.in_chans, kwargs,
                               input_size=config.input_size, user_supplied=user_arch)
 

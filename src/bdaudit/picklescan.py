@@ -69,6 +69,8 @@ class PickleFindings:
 
 
 def _classify(name: str) -> str:
+    if not name.isprintable():  # no real module or class name holds control characters
+        return "dangerous"
     module = name.rsplit(".", 1)[0] if "." in name else name
     root = module.split(".")[0]
     if module in ("builtins", "__builtin__"):
