@@ -114,9 +114,14 @@ def test_custom_architecture_by_import_path(tmp_path: Path) -> None:
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({
         "arch": "bdaudit.models.small:BdCNN", "num_classes": 10, "in_chans": 1,
         "arch_kwargs": {"widths": [8, 16, 32]}}))
-    loaded = load_model(path)
+    # Only a config file the user names may pick code; one found beside the checkpoint may have
+    # come with the download, so its import path is refused.
+    with pytest.raises(CheckpointError, match="never imports code named by a model file"):
+        load_model(path)
+    loaded = load_model(path, config_file=tmp_path / "m.yaml")
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(loaded.net(x), net(x))
+    assert "user-supplied" in loaded.config.provenance["arch_source"]
 
 
 def test_unsupported_suffix_and_missing_file(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_preproc
 from bdaudit.defenses import DEFENSES, create_defense
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE
 from bdaudit.errors import BdauditError
+from bdaudit.intake import HF_PREFIX
 from bdaudit.inversion import invert_seeded
 from bdaudit.plant import TrainSettings, plant
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
@@ -56,6 +57,12 @@ class Subject:
     attack: str
     trigger: str | None  # a trigger spec; None: the triggers the checkpoint carries
     target: int | None = None
+    # The manifest is the user's own file, so its model keys count as the user's flags.
+    model_flags: dict[str, Any] = field(default_factory=dict)
+    model_config: Path | None = None
+
+    def load(self) -> LoadedModel:
+        return load_model(self.path, self.model_flags, self.model_config)
 
     def triggers(self, loaded: LoadedModel) -> list[Trigger]:
         if self.trigger is None:
@@ -120,6 +127,9 @@ class BenchResult:
 
 # -- subjects --------------------------------------------------------------------------------------
 
+MANIFEST_MODEL_KEYS = ("arch", "num_classes", "in_chans", "input_size", "mean", "std", "class_names")
+
+
 def subjects_from_manifest(manifest: str | Path, names: Sequence[str] = ()) -> list[Subject]:
     """Backdoored models listed in a ``sample_models/manifest.yaml``-style file (clean ones skipped)."""
     path = Path(manifest)
@@ -142,9 +152,13 @@ def subjects_from_manifest(manifest: str | Path, names: Sequence[str] = ()) -> l
             trigger = None  # rebuilt from the generator the checkpoint carries
         elif trigger is not None and entry.get("trigger_params"):
             trigger = create_trigger(trigger, **entry["trigger_params"]).spec()
-        subjects.append(Subject(name=name, path=path.parent / entry["file"], attack=entry.get("attack", name),
-                                trigger=trigger,
-                                target=entry.get("target")))
+        model_file = str(entry["file"])
+        config_file = entry.get("model_config")
+        subjects.append(Subject(name=name, attack=entry.get("attack", name),
+                                path=Path(model_file) if model_file.startswith(HF_PREFIX) else path.parent / model_file,
+                                trigger=trigger, target=entry.get("target"),
+                                model_flags={k: entry[k] for k in MANIFEST_MODEL_KEYS if k in entry},
+                                model_config=path.parent / config_file if config_file else None))
     return subjects
 
 
@@ -292,7 +306,7 @@ def run_bench(subjects: Sequence[Subject], clean_data: Path, eval_data: Path, pl
     rows: list[dict[str, Any]] = []
     computed = reused = 0
     for subject in subjects:
-        loaded = load_model(subject.path)
+        loaded = subject.load()
         triggers = subject.triggers(loaded)
         prep = resolve_preprocessing(loaded.config)
         names = loaded.config.class_names

@@ -153,14 +153,16 @@ def guarded(func: F | None = None, *, rollback: bool = True) -> Any:
 
 
 # Options shared by several commands: declared once so every command spells them the same way.
-ModelPath = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors or a PyTorch state dict.",
-                                           show_default=False)]
+ModelPath = Annotated[Path, typer.Argument(help="Checkpoint (.safetensors, .pt/.pth/.bin/.ckpt state dict), "
+                                           "a timm/Hugging Face model folder, or hf-hub:ORG/NAME from the "
+                                           "local cache.", show_default=False)]
 DataDir = Annotated[Path, typer.Option("--data", "-d", help="Clean labelled images, DIR/<class>/*.",
                                        show_default=False)]
 EvalDir = Annotated[Path | None, typer.Option("--eval-data", help="Separate held-out images "
                                               "(then all of --data is for tuning).")]
 Holdout = Annotated[float, typer.Option(help="Share of --data held out for evaluation.")]
-Arch = Annotated[str | None, typer.Option(help="timm model name or module:callable.",
+Arch = Annotated[str | None, typer.Option(help="timm model name, torchvision:NAME, or your own "
+                                          "module:callable (only ever imported when you name it).",
                                           rich_help_panel="Model")]
 NumClasses = Annotated[int | None, typer.Option(help="Number of classes.", rich_help_panel="Model")]
 InChans = Annotated[int | None, typer.Option(help="Input channels (1 or 3).", rich_help_panel="Model")]
@@ -229,9 +231,11 @@ def model_flags(arch: str | None, num_classes: int | None, in_chans: int | None,
                 class_names: str | None) -> dict[str, Any]:
     """Model-config overrides from flags (highest precedence)."""
     size = _floats(input_size, "--input-size")
+    if size is not None and (len(size) not in (1, 2) or any(v < 1 or v != int(v) for v in size)):
+        raise BdauditError(f"--input-size takes H,W or one number (whole pixels), not '{input_size}'")
     return {
         "arch": arch, "num_classes": num_classes, "in_chans": in_chans,
-        "input_size": [int(v) for v in size] if size else None,
+        "input_size": [int(size[0]), int(size[-1])] if size else None,
         "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
         "class_names": [c.strip() for c in class_names.split(",")] if class_names else None,
     }

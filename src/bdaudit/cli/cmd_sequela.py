@@ -9,15 +9,23 @@ import typer
 
 from bdaudit import api
 from bdaudit.cli.app import (
+    Arch,
+    ClassNames,
     DataDir,
     Debug,
     Device,
     EvalDir,
     Holdout,
+    InChans,
+    InputSize,
     JsonOut,
+    Mean,
+    ModelConfigFile,
     ModelPath,
+    NumClasses,
     Quiet,
     Seed,
+    Std,
     Target,
     TriggerSpecs,
     app,
@@ -25,6 +33,7 @@ from bdaudit.cli.app import (
     finish,
     guard_outputs,
     guarded,
+    model_flags,
     model_inputs,
     trigger_inputs,
 )
@@ -65,6 +74,14 @@ def sequela(
     holdout: Holdout = 0.2,
     trigger: TriggerSpecs = None,
     target: Target = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    in_chans: InChans = None,
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    class_names: ClassNames = None,
+    model_config: ModelConfigFile = None,
     device: Device = "auto",
     seed: Seed = 0,
     json_out: JsonOut = None,
@@ -75,11 +92,13 @@ def sequela(
     and --members) and how fast a retuning attack brings the backdoor back, beside --original and
     --reference."""
     guard_outputs([("--json", json_out)],
-                  [*model_inputs(model, None), *model_inputs(original, None), *model_inputs(reference, None),
+                  [*model_inputs(model, model_config), *model_inputs(original, None), *model_inputs(reference, None),
                    data, eval_data, members, *trigger_inputs(trigger)])
     console, show = consoles(json_out, quiet)
     report = api.sequela(model, api.DataOptions(data, eval_data, holdout), original=original,
                          options=sequela_options(members, reference, max_mia_auc, max_reinjection_asr,
                                                  reinjection_steps),
-                         triggers=trigger or (), target=target, runtime=api.Runtime(device, 256, seed))
+                         triggers=trigger or (), target=target, runtime=api.Runtime(device, 256, seed),
+                         model_flags=model_flags(arch, num_classes, in_chans, input_size, mean, std, class_names),
+                         model_config=model_config)
     finish(report, json_out, console, show)
