@@ -17,7 +17,7 @@ from bdaudit.bench import (
     run_bench,
     subjects_from_manifest,
 )
-from bdaudit.cli.app import Debug, Device, Quiet, Seed, app, guarded, parse_settings
+from bdaudit.cli.app import Debug, Device, HtmlOut, Quiet, Seed, app, guarded, parse_settings, write_rendered
 from bdaudit.defenses import DEFENSES
 from bdaudit.errors import BdauditError
 from bdaudit.plant import TrainSettings
@@ -75,6 +75,7 @@ def bench(
     epochs: Annotated[int, typer.Option(help="Planting epochs.", rich_help_panel=PLANT)] = 15,
     device: Device = "auto",
     seed: Seed = 0,
+    html: HtmlOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -114,6 +115,8 @@ def bench(
                           f"({took})", markup=False)
 
     result = run_bench(subjects, clean_data, eval_data, plan, out_dir, device=device, on_cell=progress)
+    if html is not None:
+        write_rendered(result.to_dict(), None, html)
     if not quiet:
         for table in bench_tables(result.to_dict()):
             console.print(table)

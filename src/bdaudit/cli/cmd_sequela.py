@@ -14,6 +14,7 @@ from bdaudit.cli.app import (
     Device,
     EvalDir,
     Holdout,
+    HtmlOut,
     JsonOut,
     ModelPath,
     Quiet,
@@ -65,6 +66,7 @@ def sequela(
     device: Device = "auto",
     seed: Seed = 0,
     json_out: JsonOut = None,
+    html: HtmlOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -76,4 +78,4 @@ def sequela(
                          options=sequela_options(members, reference, max_mia_auc, max_reinjection_asr,
                                                  reinjection_steps),
                          triggers=trigger or (), target=target, runtime=api.Runtime(device, 256, seed))
-    finish(report, json_out, console, show)
+    finish(report, json_out, console, show, html_out=html)
