@@ -301,4 +301,4 @@ def test_epoch_line_is_short_and_names_the_worst_trigger() -> None:
     row = {"epoch": 12, "lr": 0.0123456, "loss": 0.5, "clean_accuracy": 0.9731,
            "asr": {"badnets": 0.02, "blended:alpha=0.2,pattern=noise_seed_long": 0.41, "wanet": None}}
     line = epoch_summary(row)
-    assert len(line) <= 80 and "worst ASR 41.0%" in line and "97.3%" in line and "epoch 12" in line
+    assert len(line) <= 80 and "worst ASR 41.0% blended" in line and "97.3%" in line and "epoch 12" in line

@@ -168,8 +168,8 @@ def epoch_summary(row: dict[str, Any]) -> str:
     """One short line per epoch: accuracy and the worst probed trigger, not every trigger's ASR."""
     rates = {spec: asr for spec, asr in row["asr"].items() if asr is not None}
     worst = max(rates, key=lambda spec: rates[spec]) if rates else None
-    worst_text = f"worst ASR {rates[worst]:.1%} ({worst[:24]})" if worst else "no trigger probed"
-    return f"epoch {row['epoch']}  lr {row['lr']:.3g}  clean acc {row['clean_accuracy']:.1%}  {worst_text}"
+    worst_text = f"worst ASR {rates[worst]:.1%} {worst[:20]}" if worst else "no trigger probed"
+    return f"epoch {row['epoch']} · lr {row['lr']:.3g} · acc {row['clean_accuracy']:.1%} · {worst_text}"
 
 
 @contextmanager
@@ -181,9 +181,9 @@ def epoch_progress(console: Console, enabled: bool) -> Iterator[Callable[[dict[s
     if not console.is_terminal:
         yield lambda row: console.print(epoch_summary(row), markup=False, highlight=False)
         return
-    with Progress(TextColumn("cleaning"), BarColumn(bar_width=None if console.width > 120 else 20),
-                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bars:
-        task = bars.add_task("starting", total=None)
+    with Progress(BarColumn(bar_width=10), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console) as bars:
+        task = bars.add_task("cleaning: first epoch", total=None)
         yield lambda row: bars.update(task, description=epoch_summary(row), completed=row["epoch"])
 
 
