@@ -61,7 +61,8 @@ def _location(model: dict[str, Any]) -> dict[str, Any]:
         artifact = {"uri": relative.as_posix(), "uriBaseId": "%SRCROOT%"}
     except ValueError:
         artifact = {"uri": path.resolve().as_uri() if path.is_absolute() or path.exists() else raw}
-    return {"physicalLocation": {"artifactLocation": artifact}}
+    # A model file has no lines, but code-scanning views place an alert only with a start line.
+    return {"physicalLocation": {"artifactLocation": artifact, "region": {"startLine": 1}}}
 
 
 def _trigger_result(row: dict[str, Any], payload: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -125,8 +126,11 @@ def to_sarif(payload: dict[str, Any], exit_code: int | None = None,
         rules.setdefault(GATE_RULE, _rule(GATE_RULE, "GateFailed", "A bdaudit gate failed",
                                           "A policy gate other than a trigger's ASR failed (accuracy drop "
                                           "after cleaning, membership exposure or re-injection speed).", ""))
+        # The reason's first words without its numbers: stable across runs, distinct per gate and set.
+        gate = " ".join(w for w in reason.split()[:6] if not any(c.isdigit() for c in w))
         results.append({"ruleId": GATE_RULE, "level": "error", "message": {"text": reason},
-                        "locations": [_location(payload["model"])]})
+                        "locations": [_location(payload["model"])],
+                        "partialFingerprints": {"bdauditFinding/v1": f"{payload['model'].get('sha256')}:gate:{gate}"}})
     rule_list = list(rules.values())
     index = {rule["id"]: i for i, rule in enumerate(rule_list)}
     for result in results:
