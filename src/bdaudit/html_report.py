@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -185,8 +185,9 @@ def anomaly_png(classes: Sequence[dict[str, Any]]) -> bytes:
 
 # -- trigger thumbnails, rendered at report time from the specs --------------------------------------
 
-def sample_image(payload: dict[str, Any]) -> Any | None:
-    """One held-out image (C, H, W in [0, 1]) from the report's data folder, if it is still there."""
+def sample_image(payload: dict[str, Any], avoid: Collection[str] = ()) -> Any | None:
+    """One held-out image (C, H, W in [0, 1]) from the report's data folder, if it is still there;
+    from a class not in ``avoid`` when possible (a trigger's own target class shows nothing)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -195,8 +196,10 @@ def sample_image(payload: dict[str, Any]) -> Any | None:
     for root in (data.get("eval_path"), data.get("path")):
         if not root or not Path(root).is_dir():
             continue
-        files = sorted(p for d in sorted(Path(root).iterdir()) if d.is_dir() for p in sorted(d.iterdir())
-                       if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        folders = sorted(d for d in Path(root).iterdir() if d.is_dir())
+        folders = [d for d in folders if d.name not in avoid] + [d for d in folders if d.name in avoid]
+        files = [p for d in folders for p in sorted(d.iterdir())
+                 if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")]
         if not files:
             continue
         try:
@@ -213,7 +216,7 @@ def sample_image(payload: dict[str, Any]) -> Any | None:
 
 
 def trigger_thumbnails(payload: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
-    image = sample_image(payload)
+    image = sample_image(payload, {str(r["target_name"]) for r in rows if r["flagged"]})
     if image is None:
         return _note("No thumbnails: the report's data folder is not available here (the JSON report stores "
                      "no images); render it where the data lives to see each trigger.")
