@@ -173,6 +173,21 @@ def test_inversion_draws_masks_when_live_and_a_note_otherwise() -> None:
     assert saved.count("<img") == 1 and "not stored in the JSON report" in saved
 
 
+def test_many_classes_stay_small() -> None:
+    # A 1,000-class model: the heat-map keeps the classes the triggers reach, the masks the outliers.
+    rows = [{"spec": "badnets", "asr_per_class": [0.0] * 1000, "asr": 0.9, "flagged": True}]
+    rows[0]["asr_per_class"][640] = 0.9
+    from bdaudit.html_report import heatmap_png
+
+    png = heatmap_png(rows, [f"class{i}" for i in range(1000)])
+    assert png is not None and len(png) < 200_000
+    section, live = fake_inversion(1000)
+    live.patterns = live.patterns[:, :, :8, :8]
+    live.masks = live.masks[:, :, :8, :8]
+    drawn = inversion_html(section, live)
+    assert drawn.count("<img") == 1 + 2 * 40 and 'alt="mask 0"' in drawn and "of 1000" in drawn
+
+
 def test_report_command_renders_saved_reports(outputs: dict[str, Any], tmp_path: Path) -> None:
     folder = outputs["dir"]
     for name in ("clean_flagged", "sequela"):

@@ -16,6 +16,7 @@ from typing import Any
 # Only inline styles and data: images: a report opened from a mail or an artifact store stays inert.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 THUMB_PX = 96
+MAX_COLUMNS = 40  # heat-map classes and inversion cards shown for models with many classes
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;
@@ -92,6 +93,8 @@ def _array_png(array: Any) -> bytes:
     pixels = np.asarray(array, dtype=np.float32)
     pixels = (np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8)
     image = Image.fromarray(pixels[0]) if pixels.shape[0] == 1 else Image.fromarray(pixels.transpose(1, 2, 0))
+    if max(image.size) > 2 * THUMB_PX:  # a 224-pixel input: a thumbnail, not a 100 KB PNG per picture
+        image.thumbnail((2 * THUMB_PX, 2 * THUMB_PX), Image.Resampling.LANCZOS)
     scale = max(1, THUMB_PX // max(image.size))
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
@@ -108,13 +111,18 @@ def heatmap_png(rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> b
 
     plt = _pyplot()
     grid = np.array([r["asr_per_class"] for r in rows], dtype=float) * 100
+    names = list(class_names)[:grid.shape[1]] if class_names else [str(i) for i in range(grid.shape[1])]
+    title = None
+    if grid.shape[1] > MAX_COLUMNS:  # 1,000 classes: the classes some trigger sends the most images to
+        keep = np.sort(np.argsort(-grid.max(axis=0), kind="stable")[:MAX_COLUMNS])
+        grid, names = grid[:, keep], [names[i] for i in keep]
+        title = f"the {MAX_COLUMNS} classes with the highest ASR of {len(class_names) or len(keep)}"
     n_classes = grid.shape[1]
-    names = list(class_names)[:n_classes] if class_names else [str(i) for i in range(n_classes)]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * n_classes + 3), 0.38 * len(rows) + 1.4))
     image = ax.imshow(grid, cmap="Reds", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(n_classes), [n[:12] for n in names], rotation=45 if n_classes > 10 else 0, fontsize=8)
     ax.set_yticks(range(len(rows)), [r["spec"][:40] for r in rows], fontsize=8)
-    ax.set_xlabel("target class")
+    ax.set_xlabel("target class" + (f" ({title})" if title else ""))
     if grid.size <= 400:
         for (i, j), value in np.ndenumerate(grid):
             ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
@@ -174,10 +182,13 @@ def roc_png(membership: dict[str, Any]) -> bytes | None:
 
 def anomaly_png(classes: Sequence[dict[str, Any]]) -> bytes:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(classes) + 2), 2.8))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(4.0, 0.45 * len(classes) + 2)), 2.8))
     values = [row["anomaly_index"] or 0.0 for row in classes]
     ax.bar(range(len(classes)), values, color=["tab:red" if row["flagged"] else "tab:blue" for row in classes])
-    ax.set_xticks(range(len(classes)), [str(row["name"])[:10] for row in classes], fontsize=8)
+    if len(classes) <= MAX_COLUMNS:
+        ax.set_xticks(range(len(classes)), [str(row["name"])[:10] for row in classes], fontsize=8)
+    else:
+        ax.set_xlabel("class index")
     ax.set_ylabel("anomaly index")
     ax.grid(alpha=0.3, axis="y")
     return _figure_png(fig)
@@ -301,7 +312,12 @@ def inversion_html(section: dict[str, Any], live: Any | None) -> str:
                            "the report is rendered by the scan that computed them (--html on scan/clean)."))
         return "".join(parts)
     cards = []
-    for i, row in enumerate(section["classes"]):
+    # Outliers first, then the smallest reversed triggers: the classes worth a look.
+    order = sorted(range(len(section["classes"])),
+                   key=lambda i: (not section["classes"][i]["flagged"], section["classes"][i]["mask_l1"]))
+    shown = sorted(order[:MAX_COLUMNS])
+    for i in shown:
+        row = section["classes"][i]
         mask, pattern = masks[i].detach().cpu(), patterns[i].detach().cpu()
         index = "—" if row["anomaly_index"] is None else f"{row['anomaly_index']:.2f}"
         cards.append(f'<div class="thumb"><b>{_e(row["name"])}</b> (index {index})<br>'
@@ -309,6 +325,9 @@ def inversion_html(section: dict[str, Any], live: Any | None) -> str:
                      f'{_img(_array_png(pattern * mask), "pattern " + str(row["name"]), "thumb", THUMB_PX)}'
                      f"<br>mask · mask × pattern</div>")
     parts.append(f'<div class="thumbs">{"".join(cards)}</div>')
+    if len(shown) < len(section["classes"]):
+        parts.append(_note(f"Masks of the {len(shown)} outlier or smallest-trigger classes of "
+                           f"{len(section['classes'])}."))
     return "".join(parts)
 
 

@@ -37,7 +37,8 @@ def load_saved(path: Path) -> dict[str, Any]:
 @app.command()
 @guarded
 def report(
-    saved: Annotated[Path, typer.Argument(help="A JSON report (--json) or a bench.json.", show_default=False)],
+    saved: Annotated[Path, typer.Argument(help="A JSON report (--json) or a bench.json.", show_default=False,
+                                          metavar="REPORT")],
     html: HtmlOut = None,
     sarif: SarifOut = None,
     debug: Debug = False,
