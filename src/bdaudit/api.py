@@ -117,7 +117,7 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
         kind="scan", model=model_section(loaded), data=split.info,
         environment=environment_info(device, runtime.seed),
         gates=gates.to_dict(), sections=sections, reasons=reasons,
-        wall_time_s=time.perf_counter() - started)
+        wall_time_s=time.perf_counter() - started, artifacts={"inversion": inversion} if invert else {})
 
 
 def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
@@ -178,7 +178,8 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     return Report(
         kind="clean", model=model_section(loaded), data=split.info,
         environment=environment_info(device, runtime.seed), gates=all_gates, sections=sections,
-        reasons=reasons, wall_time_s=time.perf_counter() - started)
+        reasons=reasons, wall_time_s=time.perf_counter() - started,
+        artifacts={"inversion": inversion} if inversion is not None else {})
 
 
 def plan_schedule(model_path: str | Path, data: DataOptions, *, method: str = "sft",

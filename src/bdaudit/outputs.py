@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bdaudit.errors import BdauditError
 
-__all__ = ["OutputTransaction", "atomic_output", "check_outputs", "output_transaction"]
+__all__ = ["OutputTransaction", "atomic_output", "check_outputs", "output_transaction", "write_output"]
 
 _CURRENT: contextvars.ContextVar[OutputTransaction | None] = contextvars.ContextVar("bdaudit_outputs",
                                                                                      default=None)
@@ -210,3 +210,15 @@ def atomic_output(path: Path, force: bool = False) -> Iterator[Path]:
                            "location with free space") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_output(destination: str | Path, content: str | bytes, force: bool = True) -> Path:
+    """Write ``content`` atomically (a reader never sees a half-written report), inside the
+    command's output transaction."""
+    path = Path(destination)
+    with atomic_output(path, force=force) as tmp:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+    return path

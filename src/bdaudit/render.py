@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -168,23 +169,53 @@ def progress_bars(console: Console, enabled: bool) -> Iterator[Callable[[str, in
         yield start
 
 
+def epoch_summary(row: dict[str, Any]) -> str:
+    """One short line per epoch: accuracy and the worst probed trigger, not every trigger's ASR."""
+    rates = {spec: asr for spec, asr in row["asr"].items() if asr is not None}
+    worst = max(rates, key=lambda spec: rates[spec]) if rates else None
+    worst_text = f"worst ASR {rates[worst]:.1%} {worst[:20]}" if worst else "no trigger probed"
+    return f"epoch {row['epoch']} · lr {row['lr']:.3g} · acc {row['clean_accuracy']:.1%} · {worst_text}"
+
+
+@contextmanager
+def epoch_progress(console: Console, enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """clean's per-epoch feedback: one live line on a terminal, one short line per epoch in a log."""
+    if not enabled:
+        yield lambda _row: None
+        return
+    if not console.is_terminal:
+        yield lambda row: console.print(epoch_summary(row), markup=False, highlight=False)
+        return
+    with Progress(BarColumn(bar_width=10), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console) as bars:
+        task = bars.add_task("cleaning: first epoch", total=None)
+        yield lambda row: bars.update(task, description=epoch_summary(row), completed=row["epoch"])
+
+
 def bench_tables(result: dict[str, Any]) -> list[Any]:
     """Per-cell results and the per-method summary of a ``bdaudit bench`` run."""
-    cells = Table(title="Defense x model x clean-data size")
-    for column in ("model", "clean", "method", "CA before", "CA after", "ASR before", "ASR after",
-                   "MIA AUC", "re-inj. steps", "s"):
-        cells.add_column(column, justify="left" if column in ("model", "method") else "right")
+    # Ten columns: no vertical rules and no edge padding, so the table stays whole at 80 columns.
+    cells = Table(title="Defense x model x clean-data size (accuracy and ASR before→after)", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, collapse_padding=True)
+    for column in ("model", "clean", "method", "CA %", "ASR %", "MIA AUC", "re-inj steps", "s"):
+        left = column in ("model", "method")
+        # Values never wrap; headers of several words do, which is what keeps 80 columns enough.
+        cells.add_column(column, justify="left" if left else "right", no_wrap=column != "re-inj steps"
+                         and column != "MIA AUC")
     for row in result["cells"]:
         style = "[bold red]" if row["asr_after"] >= 0.3 else "[green]"
         steps = row.get("reinjection_steps")
-        cells.add_row(row["model"], str(row["clean_images"]), row["method"], _pct(row["ca_before"]),
-                      _pct(row["ca_after"]), _pct(row["asr_before"]), style + _pct(row["asr_after"]),
+        cells.add_row(row["model"], str(row["clean_images"]), row["method"],
+                      f"{100 * row['ca_before']:.1f}→{100 * row['ca_after']:.1f}",
+                      f"{100 * row['asr_before']:.1f}→" + style + f"{100 * row['asr_after']:.1f}",
                       "—" if row.get("mia_auc") is None else f"{row['mia_auc']:.3f}",
                       "—" if steps is None else str(steps), f"{row['seconds']:.0f}")
     summary = Table(title="Per method (worst case over models; recommended = lowest worst-case ASR within "
-                          "a 2-point accuracy cost on every model)")
+                          "a 2-point accuracy cost on every model)", box=box.SIMPLE_HEAD, pad_edge=False,
+                    show_edge=False, collapse_padding=True)
     for column in ("clean", "method", "worst ASR", "mean ASR", "mean CA drop", "worst CA drop", "mean s", ""):
-        summary.add_column(column, justify="left" if column == "method" else "right")
+        summary.add_column(column, justify="left" if column == "method" else "right",
+                           no_wrap=column in ("method", ""), min_width=11 if column == "" else None)
     for row in result["summary"]:
         mark = "[bold green]recommended" if result["recommended"].get(str(row["clean_images"])) == row["method"] \
             else ""

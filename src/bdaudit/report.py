@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from bdaudit import __version__
-from bdaudit.checkpoint import LoadedModel, atomic_output
+from bdaudit.checkpoint import LoadedModel
 from bdaudit.scan import Gates, ScanResult
 
-SCHEMA_VERSION = "1.2.0"  # 1.1: trigger flag_reason, family_asr gate; 1.2: clean unlearning
+SCHEMA_VERSION = "1.3.0"  # 1.1: trigger flag_reason, family_asr gate; 1.2: clean unlearning; 1.3: MIA roc
 
 
 @cache
@@ -74,6 +74,8 @@ class Report:
     wall_time_s: float = 0.0
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
         timespec="seconds"))
+    # Live objects the JSON leaves out (e.g. the inversion's mask tensors) for richer renderers.
+    artifacts: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -100,5 +102,6 @@ class Report:
         if str(destination) == "-":
             sys.stdout.write(text)
             return
-        with atomic_output(Path(destination), force=force) as tmp:
-            tmp.write_text(text)
+        from bdaudit.outputs import write_output
+
+        write_output(destination, text, force=force)

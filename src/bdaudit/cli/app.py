@@ -181,6 +181,12 @@ BatchSize = Annotated[int, typer.Option(help="Batch size.", rich_help_panel="Run
 Seed = Annotated[int, typer.Option(help="Seed for every random choice.", rich_help_panel="Runtime")]
 JsonOut = Annotated[str | None, typer.Option("--json", help="Write the JSON report here (- for stdout).",
                                              rich_help_panel="Output")]
+SarifOut = Annotated[Path | None, typer.Option("--sarif", help="Write a SARIF 2.1.0 log here (for "
+                                              "code-scanning views).", rich_help_panel="Output")]
+HtmlOut = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report here.",
+                                             rich_help_panel="Output")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML file of flag values (default: "
+                                                 "./bdaudit.yaml if present; flags typed here win).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the verdict.",
                                      rich_help_panel="Output")]
 Debug = Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel="Output")]
@@ -271,42 +277,97 @@ def _flag_value(ctx: typer.Context, key: str, value: Any, raw_key: Any, config: 
         raise BdauditError(f"--config {config}: '{raw_key}': {message}") from None
 
 
-def merge_config(ctx: typer.Context, config: Path | None, values: dict[str, Any]) -> dict[str, Any]:
-    """``--config FILE.yaml``: its keys (flag names) fill every flag not given on the command
-    line; a flag typed explicitly wins. Values are checked with the flag's own type."""
-    if config is None:
-        return values
+POLICY_FILE = "bdaudit.yaml"
+
+
+def _read_yaml_mapping(path: Path, flag: str) -> dict[str, Any]:
     import yaml
 
     try:
-        loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError) as exc:
-        raise BdauditError(f"cannot read --config {config}: {one_line(str(exc))}") from None
+        raise BdauditError(f"cannot read {flag} {path}: {one_line(str(exc))}") from None
     except yaml.YAMLError as exc:
-        raise BdauditError(f"--config {config} is not valid YAML ({one_line(str(exc))}); fix the file") from None
+        raise BdauditError(f"{flag} {path} is not valid YAML ({one_line(str(exc))}); fix the file") from None
     if not isinstance(loaded, dict):
-        raise BdauditError(f"--config {config} must be a YAML mapping of flag names to values")
+        raise BdauditError(f"{flag} {path} must be a YAML mapping of flag names to values")
+    return loaded
+
+
+def _all_flag_names(ctx: typer.Context, values: dict[str, Any]) -> set[str]:
+    """Flags of every command: one policy file serves scan and clean alike."""
+    group = getattr(ctx.parent, "command", None)
+    commands = getattr(group, "commands", None) or {}
+    return {p.name for command in commands.values() for p in command.params if p.name} | set(values)
+
+
+def merge_config(ctx: typer.Context, config: Path | None, values: dict[str, Any]) -> dict[str, Any]:
+    """``--config FILE.yaml``, else ``./bdaudit.yaml`` (the policy file) if present: its keys (flag
+    names) fill every flag not given on the command line; a flag typed explicitly wins. An explicit
+    --config names this command's flags only; the policy file may also hold other commands' flags
+    (skipped here), but a key that is no command's flag is an error, never silently ignored."""
+    policy = config is None
+    if policy:
+        if not Path(POLICY_FILE).is_file():
+            return values
+        config = Path(POLICY_FILE)
+    flag = "policy file" if policy else "--config"
+    loaded = _read_yaml_mapping(config, flag)
+    known = _all_flag_names(ctx, values) if policy else set(values)
     merged = dict(values)
     for raw_key, value in loaded.items():
         key = str(raw_key).lstrip("-").replace("-", "_")
         key = "set_" if key == "set" else key  # `set:` holds method settings (a mapping or KEY=VALUE list)
-        if key not in values or key in ("config", "model", "ctx"):
-            raise BdauditError(f"--config {config}: '{raw_key}' is not a flag of this command")
+        if key not in known or key in ("config", "model", "ctx"):
+            raise BdauditError(f"{flag} {config}: '{raw_key}' is not a flag of "
+                               f"{'any command' if policy else 'this command'}")
+        if key not in values:
+            continue  # another command's flag in the shared policy file
         # Compared by name: typer may ship its own copy of click's ParameterSource enum.
         if getattr(ctx.get_parameter_source(key), "name", "DEFAULT") in ("DEFAULT", "DEFAULT_MAP"):
             merged[key] = _flag_value(ctx, key, value, raw_key, config)
     return merged
 
 
-def finish(report: Report, json_out: str | None, console: Console, show: bool) -> None:
-    """Write the JSON report, print it for people, and exit 1 if a gate failed."""
+def finish(report: Report, json_out: str | None, console: Console, show: bool,
+           sarif_out: Path | None = None, html_out: Path | None = None) -> None:
+    """Write the JSON/SARIF/HTML reports, print it for people, and exit 1 if a gate failed."""
     from bdaudit.render import render_report
 
-    if json_out:
-        report.write_json(json_out)
+    write_reports(report, json_out, sarif_out, html_out)
     if show:
         render_report(report, console)
-    elif not report.passed:
-        console.print("FAIL: " + "; ".join(report.reasons), markup=False)
+    else:  # -q: still one verdict line, so a CI log says what happened
+        console.print(verdict_line(report), soft_wrap=True, markup=False)
     if not report.passed:
         raise typer.Exit(EXIT_GATE)
+
+
+def verdict_line(report: Report) -> str:
+    return f"PASS in {report.wall_time_s:.1f}s" if report.passed else "FAIL: " + "; ".join(report.reasons)
+
+
+def write_reports(report: Report, json_out: str | None, sarif_out: Path | None = None,
+                  html_out: Path | None = None) -> None:
+    """Every report file a command writes, through one atomic writer (``bdaudit.outputs``)."""
+    if json_out:
+        report.write_json(json_out)
+    if sarif_out is not None or html_out is not None:
+        write_rendered(report.to_dict(), sarif_out, html_out, artifacts=report.artifacts,
+                       exit_code=EXIT_PASS if report.passed else EXIT_GATE)
+
+
+def write_rendered(payload: dict[str, Any], sarif_out: Path | None, html_out: Path | None,
+                   artifacts: dict[str, Any] | None = None, exit_code: int | None = None) -> None:
+    import json
+
+    from bdaudit.outputs import write_output
+
+    if sarif_out is not None:
+        from bdaudit.sarif import to_sarif
+
+        write_output(sarif_out, json.dumps(to_sarif(payload, exit_code=exit_code), indent=2) + "\n")
+    if html_out is not None:
+        from bdaudit.html_report import to_html
+
+        write_output(html_out, to_html(payload, artifacts))

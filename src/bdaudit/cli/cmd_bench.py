@@ -17,7 +17,18 @@ from bdaudit.bench import (
     run_bench,
     subjects_from_manifest,
 )
-from bdaudit.cli.app import Debug, Device, Quiet, Seed, app, guard_outputs, guarded, parse_settings
+from bdaudit.cli.app import (
+    Debug,
+    Device,
+    HtmlOut,
+    Quiet,
+    Seed,
+    app,
+    guard_outputs,
+    guarded,
+    parse_settings,
+    write_rendered,
+)
 from bdaudit.defenses import DEFENSES
 from bdaudit.errors import BdauditError
 from bdaudit.plant import TrainSettings
@@ -76,6 +87,7 @@ def bench(
     epochs: Annotated[int, typer.Option(help="Planting epochs.", rich_help_panel=PLANT)] = 15,
     device: Device = "auto",
     seed: Seed = 0,
+    html: HtmlOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -84,7 +96,7 @@ def bench(
     Cells already in OUT_DIR/cells.jsonl (same model, data, settings, seed) are reused, so an
     interrupted bench resumes where it stopped. Exit 0 on completion, 2 on bad input.
     """
-    guard_outputs([("--out-dir", out_dir / name) for name in BENCH_OUTPUTS],
+    guard_outputs([*(("--out-dir", out_dir / name) for name in BENCH_OUTPUTS), ("--html", html)],
                   [clean_data, eval_data, models, data])
     console = Console(highlight=False)
     chosen_methods = split_names(methods) or sorted(DEFENSES)
@@ -118,6 +130,8 @@ def bench(
                           f"({took})", markup=False)
 
     result = run_bench(subjects, clean_data, eval_data, plan, out_dir, device=device, on_cell=progress)
+    if html is not None:
+        write_rendered(result.to_dict(), None, html)
     if not quiet:
         for table in bench_tables(result.to_dict()):
             console.print(table)

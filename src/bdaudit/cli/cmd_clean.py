@@ -12,6 +12,7 @@ from bdaudit.clean import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION, CleanGates
 from bdaudit.cli.app import (
     Arch,
     ClassNames,
+    ConfigFile,
     DataDir,
     Debug,
     Device,
@@ -19,6 +20,7 @@ from bdaudit.cli.app import (
     FailAsr,
     FamilyAsr,
     Holdout,
+    HtmlOut,
     InChans,
     InputSize,
     JsonOut,
@@ -29,6 +31,7 @@ from bdaudit.cli.app import (
     NullMargin,
     NumClasses,
     Quiet,
+    SarifOut,
     Seed,
     Std,
     Target,
@@ -53,7 +56,7 @@ from bdaudit.cli.cmd_sequela import (
     ReinjectionSteps,
     sequela_options,
 )
-from bdaudit.render import render_schedule
+from bdaudit.render import epoch_progress, render_schedule
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN, Gates
 
 TUNE = "Tuning"
@@ -102,7 +105,7 @@ def clean(
                          "library; ~40 s per 10 classes on a small CPU model).", rich_help_panel=TUNE)
     ] = False,
     set_: MethodSettings = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file of flag values.")] = None,
+    config: ConfigFile = None,
     no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
     members: Members = None,
     reference: Reference = None,
@@ -134,6 +137,8 @@ def clean(
     seed: Seed = 0,
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
     json_out: JsonOut = None,
+    sarif: SarifOut = None,
+    html: HtmlOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -144,7 +149,7 @@ def clean(
     """
     v = merge_config(ctx, config, dict(locals()))
     v.pop("ctx")
-    guard_outputs([("--out", v["out"]), ("--json", v["json_out"])],
+    guard_outputs([("--out", v["out"]), ("--json", v["json_out"]), ("--sarif", v["sarif"]), ("--html", v["html"])],
                   [*model_inputs(v["model"], v["model_config"]), v["data"], v["eval_data"], v["members"],
                    *model_inputs(v["reference"], None), config, v["triggers_file"], *trigger_inputs(v["trigger"])])
     settings: dict[str, Any] = {**parse_settings(v["set_"]),
@@ -161,19 +166,14 @@ def clean(
         render_schedule(api.plan_schedule(v["model"], data_options, **common), console)
         return
 
-    def progress(row: dict[str, Any]) -> None:
-        if show:
-            asr = ", ".join(f"{k} {a:.1%}" for k, a in row["asr"].items() if a is not None)
-            console.print(f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
-                          f"clean acc {row['clean_accuracy']:.1%}  ASR {asr}")
-
-    report = api.clean(
-        v["model"], data_options, v["out"], triggers=v["trigger"] or (),
-        triggers_file=v["triggers_file"], target=v["target"],
-        gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
-        force=v["force"], on_epoch=progress, unlearn_fraction=v["unlearn_fraction"],
-        invert=v["invert"],
-        sequela=None if v["no_sequela"] else sequela_options(
-            v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
-        **common)
-    finish(report, v["json_out"], console, show)
+    with epoch_progress(console, show) as progress:
+        report = api.clean(
+            v["model"], data_options, v["out"], triggers=v["trigger"] or (),
+            triggers_file=v["triggers_file"], target=v["target"],
+            gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
+            force=v["force"], on_epoch=progress, unlearn_fraction=v["unlearn_fraction"],
+            invert=v["invert"],
+            sequela=None if v["no_sequela"] else sequela_options(
+                v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
+            **common)
+    finish(report, v["json_out"], console, show, v["sarif"], v["html"])

@@ -11,6 +11,7 @@ from bdaudit.cli.app import (
     Arch,
     BatchSize,
     ClassNames,
+    ConfigFile,
     DataDir,
     Debug,
     Device,
@@ -18,6 +19,7 @@ from bdaudit.cli.app import (
     FailAsr,
     FamilyAsr,
     Holdout,
+    HtmlOut,
     InChans,
     InputSize,
     JsonOut,
@@ -27,6 +29,7 @@ from bdaudit.cli.app import (
     NullMargin,
     NumClasses,
     Quiet,
+    SarifOut,
     Seed,
     Std,
     Target,
@@ -37,6 +40,7 @@ from bdaudit.cli.app import (
     finish,
     guard_outputs,
     guarded,
+    merge_config,
     model_flags,
     model_inputs,
     trigger_inputs,
@@ -48,6 +52,7 @@ from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARG
 @app.command()
 @guarded
 def scan(
+    ctx: typer.Context,
     model: ModelPath,
     data: DataDir,
     eval_data: EvalDir = None,
@@ -72,7 +77,10 @@ def scan(
     device: Device = "auto",
     batch_size: BatchSize = 256,
     seed: Seed = 0,
+    config: ConfigFile = None,
     json_out: JsonOut = None,
+    sarif: SarifOut = None,
+    html: HtmlOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -80,16 +88,18 @@ def scan(
 
     Exit 0 when no trigger reaches --fail-asr, 1 when one does, 2 on bad input.
     """
-    guard_outputs([("--json", json_out)],
-                  [*model_inputs(model, model_config), data, eval_data, triggers_file,
-                   *trigger_inputs(trigger)])
-    console, show = consoles(json_out, quiet)
+    v = merge_config(ctx, config, dict(locals()))
+    guard_outputs([("--json", v["json_out"]), ("--sarif", v["sarif"]), ("--html", v["html"])],
+                  [*model_inputs(v["model"], v["model_config"]), v["data"], v["eval_data"], v["triggers_file"],
+                   config, *trigger_inputs(v["trigger"])])
+    console, show = consoles(v["json_out"], v["quiet"])
     with progress_bars(console, show and console.is_terminal) as progress:
         report = api.scan(
-            model, api.DataOptions(data, eval_data, holdout), triggers=trigger or (),
-            triggers_file=triggers_file, target=target, gates=Gates(fail_asr, null_margin, family_asr or None),
-            runtime=api.Runtime(device, batch_size, seed), invert=invert,
-            model_flags=model_flags(arch, num_classes, in_chans, input_size, mean, std,
-                                    class_names),
-            model_config=model_config, progress=progress)
-    finish(report, json_out, console, show)
+            v["model"], api.DataOptions(v["data"], v["eval_data"], v["holdout"]), triggers=v["trigger"] or (),
+            triggers_file=v["triggers_file"], target=v["target"],
+            gates=Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None),
+            runtime=api.Runtime(v["device"], v["batch_size"], v["seed"]), invert=v["invert"],
+            model_flags=model_flags(v["arch"], v["num_classes"], v["in_chans"], v["input_size"], v["mean"],
+                                    v["std"], v["class_names"]),
+            model_config=v["model_config"], progress=progress)
+    finish(report, v["json_out"], console, show, v["sarif"], v["html"])

@@ -16,6 +16,7 @@ from bdaudit.cli.app import (
     Device,
     EvalDir,
     Holdout,
+    HtmlOut,
     InChans,
     InputSize,
     JsonOut,
@@ -85,13 +86,14 @@ def sequela(
     device: Device = "auto",
     seed: Seed = 0,
     json_out: JsonOut = None,
+    html: HtmlOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Backdoor sequela of MODEL: membership-inference exposure (members: the tuning part of --data,
     and --members) and how fast a retuning attack brings the backdoor back, beside --original and
     --reference."""
-    guard_outputs([("--json", json_out)],
+    guard_outputs([("--json", json_out), ("--html", html)],
                   [*model_inputs(model, model_config), *model_inputs(original, None), *model_inputs(reference, None),
                    data, eval_data, members, *trigger_inputs(trigger)])
     console, show = consoles(json_out, quiet)
@@ -101,4 +103,4 @@ def sequela(
                          triggers=trigger or (), target=target, runtime=api.Runtime(device, 256, seed),
                          model_flags=model_flags(arch, num_classes, in_chans, input_size, mean, std, class_names),
                          model_config=model_config)
-    finish(report, json_out, console, show)
+    finish(report, json_out, console, show, html_out=html)

@@ -61,7 +61,15 @@ def say_interrupted(exc: BaseException) -> None:
 
 def load_app() -> Any:
     """The typer app with every command registered (the heavy import)."""
-    from bdaudit.cli import cmd_bench, cmd_clean, cmd_info, cmd_plant, cmd_scan, cmd_sequela  # noqa: F401
+    from bdaudit.cli import (  # noqa: F401  (each module registers its commands)
+        cmd_bench,
+        cmd_clean,
+        cmd_info,
+        cmd_plant,
+        cmd_report,
+        cmd_scan,
+        cmd_sequela,
+    )
     from bdaudit.cli.app import app
 
     return app

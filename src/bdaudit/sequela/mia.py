@@ -82,6 +82,21 @@ def tpr_at_fpr(member_scores: torch.Tensor, nonmember_scores: torch.Tensor, fpr:
     return float((pos > cutoff).double().mean())
 
 
+def roc_points(member_scores: torch.Tensor, nonmember_scores: torch.Tensor,
+               max_points: int = 40) -> list[list[float]]:
+    """(FPR, TPR) pairs for "member if score >= t", t over (at most ``max_points``) observed scores,
+    from (0, 0) to (1, 1): enough to draw the curve, small enough for the JSON report."""
+    pos, neg = member_scores.double().flatten(), nonmember_scores.double().flatten()
+    thresholds = torch.unique(torch.cat([pos, neg]), sorted=True).flip(0)
+    if thresholds.numel() > max_points:
+        thresholds = thresholds[torch.linspace(0, thresholds.numel() - 1, max_points).round().long()]
+    points = [[0.0, 0.0]]
+    for t in thresholds.tolist():
+        points.append([round(float((neg >= t).double().mean()), 4), round(float((pos >= t).double().mean()), 4)])
+    points.append([1.0, 1.0])
+    return points
+
+
 def min_nonmembers_for(fpr: float) -> int:
     """Non-members needed for one false positive to be allowed at ``fpr``."""
     return math.ceil(1.0 / fpr - 1e-9)
@@ -188,6 +203,7 @@ class AttackResult:
     n_nonmembers: int
     # FPR points with too few non-members for even one false positive (TPR there is TPR at 0 FPR).
     unreliable_fprs: list[float] = field(default_factory=list)
+    roc: list[list[float]] = field(default_factory=list)  # (FPR, TPR) points for plots (schema 1.3)
 
     @property
     def note(self) -> str | None:
@@ -198,11 +214,13 @@ class AttackResult:
         return (f"only {self.n_nonmembers} non-members: at {points} FPR no false positive is "
                 f"allowed, so TPR there is TPR at 0 FPR; {need} non-members are needed")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, roc: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"attack": self.attack, "auc": float(self.auc)}
         out.update({_fpr_key(f): float(t) for f, t in self.tpr_at_fpr.items()})
         out.update(n_members=self.n_members, n_nonmembers=self.n_nonmembers,
                    low_fpr_reliable=not self.unreliable_fprs, note=self.note)
+        if roc and self.roc:
+            out["roc"] = self.roc
         return out
 
 
@@ -234,7 +252,8 @@ class MIAResult:
             "seed": self.seed,
             "best_attack": self.best.attack,
             "best_auc": float(self.best.auc),
-            "attacks": {name: result.to_dict() for name, result in self.attacks.items()},
+            # ROC points for the best attack only: what the HTML report plots, at a tenth of the size.
+            "attacks": {name: result.to_dict(roc=result is self.best) for name, result in self.attacks.items()},
         }
 
 
@@ -243,7 +262,8 @@ def _attack_result(name: str, pos: torch.Tensor, neg: torch.Tensor) -> AttackRes
         attack=name, auc=roc_auc(pos, neg),
         tpr_at_fpr={f: tpr_at_fpr(pos, neg, f) for f in FPR_POINTS},
         n_members=pos.numel(), n_nonmembers=neg.numel(),
-        unreliable_fprs=[f for f in FPR_POINTS if neg.numel() < min_nonmembers_for(f)])
+        unreliable_fprs=[f for f in FPR_POINTS if neg.numel() < min_nonmembers_for(f)],
+        roc=roc_points(pos, neg))
 
 
 # --------------------------------------------------------------------------- entry point
