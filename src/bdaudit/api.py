@@ -25,6 +25,7 @@ from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.errors import BdauditError, TriggerError
 from bdaudit.inversion import inversion_reasons, invert_seeded
+from bdaudit.outputs import check_outputs
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
 from bdaudit.runtime import environment_info, resolve_device, seed_everything
 from bdaudit.scan import Gates, evaluate_triggers, trigger_fit_error
@@ -142,9 +143,7 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
         raise BdauditError(f"output {out} already exists; choose another path or pass --force")
     if out is not None and out.suffix != ".safetensors":
         raise BdauditError(f"output {out} must end in .safetensors")
-    if out is not None and Path(model_path).exists() and out.exists() and \
-            out.resolve() == Path(model_path).resolve():
-        raise BdauditError("--out is the input model; bdaudit never overwrites its input")
+    check_outputs([("--out", out)], [model_path, data.path, data.eval_path])
     defense = create_defense(method, settings)
     check_unlearn_fraction(unlearn_fraction)
     device = resolve_device(runtime.device)

@@ -72,6 +72,11 @@ def _writable_parent(path: Path) -> Path | None:
 
 def check_outputs(outputs: Iterable[tuple[str, str | Path | None]],
                   inputs: Iterable[str | Path | None]) -> None:
+    """Refuse outputs that would overwrite an input or each other, or that cannot be written.
+
+    ``outputs`` are (flag, path) pairs, e.g. ``[("--out", out), ("--json", json_out)]``; a None path
+    or ``-`` (stdout) is skipped. ``inputs`` are paths (files or folders); None entries are skipped.
+    """
     try:
         _check_outputs(list(outputs), list(inputs))
     except (OSError, ValueError, RuntimeError) as exc:  # e.g. a NUL byte or a symlink loop in a path
@@ -79,11 +84,6 @@ def check_outputs(outputs: Iterable[tuple[str, str | Path | None]],
 
 
 def _check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str | Path | None]) -> None:
-    """Refuse outputs that would overwrite an input or each other, or that cannot be written.
-
-    ``outputs`` are (flag, path) pairs, e.g. ``[("--out", out), ("--json", json_out)]``; a None path
-    or ``-`` (stdout) is skipped. ``inputs`` are paths (files or folders); None entries are skipped.
-    """
     named = [(flag, Path(p)) for flag, p in outputs if p is not None and str(p) != "-"]
     if not named:
         return
