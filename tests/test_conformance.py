@@ -157,6 +157,13 @@ def timm_vit_gray_bare_state(folder: Path) -> tuple[str, list[str]]:
     return str(folder / "vit.pth"), ["--arch", "test_vit", "--input-size", "32"]
 
 
+def timm_efficientnet_compiled(folder: Path) -> tuple[str, list[str]]:
+    """A state dict saved from a torch.compile'd model: every key starts with ``_orig_mod.``."""
+    net = seeded(lambda: timm.create_model("test_efficientnet", num_classes=RGB_CLASSES))
+    torch.save({f"_orig_mod.{k}": v for k, v in net.state_dict().items()}, folder / "compiled.pt")
+    return str(folder / "compiled.pt"), ["--arch", "timm:test_efficientnet", "--input-size", "32,32"]
+
+
 def ccexam_pretrained(folder: Path) -> tuple[str, list[str]]:
     """A real pretrained checkpoint shipped in a PyPI wheel: ccexam 1.0.0 (MIT licence),
     ccexam/weights/mnist.pth, the package's MNISTNet digit classifier."""
@@ -180,6 +187,7 @@ CASES = {
     "lightning-ckpt": Case(lightning_ckpt, "rgb", True),
     "timm-train-ema": Case(timm_train_with_ema, "rgb"),
     "timm-test-vit-gray-model-key": Case(timm_vit_gray_bare_state, "gray"),
+    "timm-efficientnet-compiled": Case(timm_efficientnet_compiled, "rgb"),
     "ccexam-pretrained-wheel": Case(ccexam_pretrained, "gray", True),
 }
 
@@ -224,7 +232,8 @@ def _as_flags(flags: list[str]) -> dict:
     if "--arch" in pairs:
         out["arch"] = pairs["--arch"]
     if "--input-size" in pairs:
-        out["input_size"] = [int(pairs["--input-size"])] * 2
+        size = [int(v) for v in pairs["--input-size"].split(",")]
+        out["input_size"] = [size[0], size[-1]]
     for key in ("--mean", "--std"):
         if key in pairs:
             out[key[2:]] = [float(v) for v in pairs[key].split(",")]
