@@ -196,3 +196,4 @@ def test_input_size_one_number_and_class_count_checked_against_data(tmp_path: Pa
     assert_usage_error(result, "has 10 class folders but the model has 4 classes")
     assert_usage_error(invoke("scan", tmp_path / "seq.pt", "--data", gray_data, "--arch",
                               "thirdparty_models:sequential", "--input-size", "28,28,3"), "--input-size takes")
+

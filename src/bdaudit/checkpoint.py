@@ -196,7 +196,8 @@ def probe_model(net: nn.Module, config: ModelConfig, source: str) -> bool:
     """Run one tiny batch: the model must take the configured inputs and give one logit per class.
     Returns whether it also runs in channels_last (a ``forward`` that flattens with ``.view`` does not),
     so callers never force a memory format the model was not built for."""
-    x = torch.rand(2, config.in_chans, *config.input_size)
+    # A private generator: loading must not move the global random stream the seeded run relies on.
+    x = torch.rand(2, config.in_chans, *config.input_size, generator=torch.Generator().manual_seed(0))
     try:
         out = net(x)
     except Exception as exc:  # noqa: BLE001 - third-party forward code may raise anything
