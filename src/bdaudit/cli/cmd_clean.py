@@ -25,7 +25,6 @@ from bdaudit.cli.app import (
     Mean,
     MethodSettings,
     ModelConfigFile,
-    ModelPath,
     NullMargin,
     NumClasses,
     Quiet,
@@ -42,6 +41,7 @@ from bdaudit.cli.app import (
     model_flags,
     parse_settings,
 )
+from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
 from bdaudit.cli.cmd_sequela import (
     MaxMiaAuc,
     MaxReinjection,
@@ -50,6 +50,7 @@ from bdaudit.cli.cmd_sequela import (
     ReinjectionSteps,
     sequela_options,
 )
+from bdaudit.errors import BdauditError
 from bdaudit.render import render_schedule
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN, Gates
 
@@ -66,7 +67,7 @@ SETTING_FLAGS = ("epochs", "batch_size", "optimizer", "momentum", "weight_decay"
 @guarded
 def clean(
     ctx: typer.Context,
-    model: ModelPath,
+    model: ModelPaths,
     data: DataDir,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the cleaned "
                                              ".safetensors (omit to only measure).")] = None,
@@ -132,12 +133,17 @@ def clean(
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
     json_out: JsonOut = None,
     quiet: Quiet = False,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    report_dir: ReportDir = None,
     debug: Debug = False,
 ) -> None:
     """Remove MODEL's backdoor by fine-tuning on the clean data; report utility and residual ASR.
 
     Exit 0 when every gate passes, 1 when a trigger stays at or above --fail-asr or accuracy falls
-    more than --max-accuracy-drop, 2 on bad input; MODEL is never modified.
+    more than --max-accuracy-drop, 2 on bad input; MODEL is never modified. With several models
+    (files, folders, a manifest), --out is a folder for <name>.safetensors; one report each, a
+    summary, the worst model's exit code.
     """
     v = merge_config(ctx, config, dict(locals()))
     v.pop("ctx")
@@ -151,8 +157,11 @@ def clean(
                                 v["std"], v["class_names"]),
         model_config=v["model_config"])
     data_options = api.DataOptions(v["data"], v["eval_data"], v["holdout"])
+    batch = wants_batch(v["model"], v["executor"], v["report_dir"])
     if v["show_schedule"]:
-        render_schedule(api.plan_schedule(v["model"], data_options, **common), console)
+        if batch:
+            raise BdauditError("--show-schedule prints one model's schedule: name a single model")
+        render_schedule(api.plan_schedule(v["model"][0], data_options, **common), console)
         return
 
     def progress(row: dict[str, Any]) -> None:
@@ -161,13 +170,16 @@ def clean(
             console.print(f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
                           f"clean acc {row['clean_accuracy']:.1%}  ASR {asr}")
 
-    report = api.clean(
-        v["model"], data_options, v["out"], triggers=v["trigger"] or (),
-        triggers_file=v["triggers_file"], target=v["target"],
+    common.update(
+        triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],
         gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
-        force=v["force"], on_epoch=progress, unlearn_fraction=v["unlearn_fraction"],
-        invert=v["invert"],
+        force=v["force"], unlearn_fraction=v["unlearn_fraction"], invert=v["invert"],
         sequela=None if v["no_sequela"] else sequela_options(
-            v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
-        **common)
+            v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]))
+    if batch:
+        run_batch(api.clean_many, v["model"], data_options, v["out"], executor=v["executor"],
+                  ray_address=v["ray_address"], report_dir=v["report_dir"], json_out=v["json_out"],
+                  console=console, show=show, **common)
+        return
+    report = api.clean(v["model"][0], data_options, v["out"], on_epoch=progress, **common)
     finish(report, v["json_out"], console, show)

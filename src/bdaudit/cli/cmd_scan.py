@@ -23,7 +23,6 @@ from bdaudit.cli.app import (
     JsonOut,
     Mean,
     ModelConfigFile,
-    ModelPath,
     NullMargin,
     NumClasses,
     Quiet,
@@ -38,6 +37,7 @@ from bdaudit.cli.app import (
     guarded,
     model_flags,
 )
+from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
 from bdaudit.render import progress_bars
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN, Gates
 
@@ -45,7 +45,7 @@ from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARG
 @app.command()
 @guarded
 def scan(
-    model: ModelPath,
+    model: ModelPaths,
     data: DataDir,
     eval_data: EvalDir = None,
     holdout: Holdout = 0.2,
@@ -71,19 +71,27 @@ def scan(
     seed: Seed = 0,
     json_out: JsonOut = None,
     quiet: Quiet = False,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    report_dir: ReportDir = None,
     debug: Debug = False,
 ) -> None:
     """Probe MODEL with known backdoor triggers on held-out clean images; report ASR per trigger.
 
-    Exit 0 when no trigger reaches --fail-asr, 1 when one does, 2 on bad input.
+    Exit 0 when no trigger reaches --fail-asr, 1 when one does, 2 on bad input. With several
+    models (files, folders, a manifest): one report each, a summary, the worst model's exit code.
     """
     console, show = consoles(json_out, quiet)
+    options = dict(
+        triggers=trigger or (), triggers_file=triggers_file, target=target,
+        gates=Gates(fail_asr, null_margin, family_asr or None), runtime=api.Runtime(device, batch_size, seed),
+        invert=invert, model_flags=model_flags(arch, num_classes, in_chans, input_size, mean, std, class_names),
+        model_config=model_config)
+    data_options = api.DataOptions(data, eval_data, holdout)
+    if wants_batch(model, executor, report_dir):
+        run_batch(api.scan_many, model, data_options, executor=executor, ray_address=ray_address,
+                  report_dir=report_dir, json_out=json_out, console=console, show=show, **options)
+        return
     with progress_bars(console, show and console.is_terminal) as progress:
-        report = api.scan(
-            model, api.DataOptions(data, eval_data, holdout), triggers=trigger or (),
-            triggers_file=triggers_file, target=target, gates=Gates(fail_asr, null_margin, family_asr or None),
-            runtime=api.Runtime(device, batch_size, seed), invert=invert,
-            model_flags=model_flags(arch, num_classes, in_chans, input_size, mean, std,
-                                    class_names),
-            model_config=model_config, progress=progress)
+        report = api.scan(model[0], data_options, progress=progress, **options)
     finish(report, json_out, console, show)
