@@ -199,3 +199,17 @@ def test_the_local_path_never_imports_ray(badnets_model: PlantResult, clean_mode
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_cpu_evaluation_never_autocasts_and_a_bad_device_is_one_error(
+        clean_model: PlantResult, eval_dir: Path) -> None:
+    import contextlib
+
+    import torch
+
+    from bdaudit.runtime import eval_autocast
+
+    # bf16 is a CUDA-only speed-up; CPU numbers must stay exact fp32 (and bit-identical across executors).
+    assert isinstance(eval_autocast(torch.device("cpu")), contextlib.nullcontext)
+    result = invoke("scan", clean_model.path, clean_model.path, "--data", eval_dir, "--device", "tpu")
+    assert_usage_error(result, "--device must be one of")

@@ -28,7 +28,7 @@ from bdaudit.errors import BdauditError
 from bdaudit.executors import Executor, LocalExecutor
 from bdaudit.inversion import inversion_reasons, invert_seeded
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
-from bdaudit.runtime import environment_info, resolve_device, seed_everything
+from bdaudit.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
 from bdaudit.scan import Gates, evaluate_triggers
 from bdaudit.sequela.audit import SequelaGates, audit_sequela, reinjection_probe, sequela_reasons
 from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
@@ -263,6 +263,11 @@ def _run_many(kind: str, task: Callable[..., Any], entries: list[ModelEntry], ca
               on_model: OnModel | None) -> BatchReport:
     started = time.perf_counter()
     executor = executor or LocalExecutor()
+    # A bad --device is one error for the batch, not one per model; Ray's workers resolve their own.
+    if isinstance(executor, LocalExecutor):
+        resolve_device(device)
+    else:
+        resolve_device_name(device)
     folder = Path(report_dir) if report_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -304,9 +309,14 @@ def clean_many(models: Sequence[str | Path], data: DataOptions, out_dir: str | P
     options.pop("on_epoch", None)  # per-epoch lines of several models would interleave
     device = (options.get("runtime") or Runtime()).device
     folder = Path(out_dir) if out_dir is not None else None
-    if folder is not None:
+    if folder is not None and folder.suffix == ".safetensors" and len(entries) == 1:
+        outs: list[Path | None] = [folder]  # one model (e.g. with --report-dir): --out is its file
+    elif folder is not None:
         if folder.suffix == ".safetensors":
             raise BdauditError(f"with several models --out is a folder for <name>.safetensors, not {folder}")
         folder.mkdir(parents=True, exist_ok=True)
-    calls = [(e.path, data, folder / f"{e.name}.safetensors" if folder else None, options) for e in entries]
+        outs = [folder / f"{e.name}.safetensors" for e in entries]
+    else:
+        outs = [None] * len(entries)
+    calls = [(e.path, data, out, options) for e, out in zip(entries, outs, strict=True)]
     return _run_many("clean", _clean_task, entries, calls, device, executor, report_dir, on_model)

@@ -33,7 +33,7 @@ from bdaudit.errors import BdauditError
 from bdaudit.executors import Executor, LocalExecutor
 from bdaudit.inversion import invert_seeded
 from bdaudit.plant import TrainSettings, plant
-from bdaudit.runtime import environment_info, resolve_device, seed_everything
+from bdaudit.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
 from bdaudit.sequela.mia import membership_inference
 from bdaudit.sequela.reinjection import reinjection_attack
 from bdaudit.triggers import Trigger, create_trigger, parse_trigger
@@ -305,6 +305,7 @@ def run_bench(subjects: Sequence[Subject], clean_data: Path, eval_data: Path, pl
     executor = executor or LocalExecutor()
     # Under Ray the workers pick the device (a GPU task sees its GPU); locally, a bad name fails here.
     torch_device = resolve_device(device) if isinstance(executor, LocalExecutor) else None
+    resolve_device_name(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_path = out_dir / "cells.jsonl"
     cache = read_cache(cache_path)

@@ -14,10 +14,16 @@ from bdaudit.errors import BdauditError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+def resolve_device_name(name: str) -> str:
+    """Check the spelling only (for devices resolved elsewhere, e.g. on Ray workers)."""
     if name not in DEVICES and not name.startswith("cuda:"):
         raise BdauditError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), not '{name}'")
+    return name
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    resolve_device_name(name)
     mps = getattr(torch.backends, "mps", None)
     mps_ok = bool(mps and mps.is_available())
     if name == "auto":
