@@ -190,6 +190,11 @@ def test_executor_ray_without_ray_installed_is_one_clear_exit_2(
                        "--executor must be one of")
 
 
+def test_an_unreachable_ray_address_fails_fast_with_exit_2(clean_model: PlantResult, eval_dir: Path) -> None:
+    result = invoke("scan", clean_model.path, "--data", eval_dir, "--executor", "ray", "--ray-address", "127.0.0.1:1")
+    assert_usage_error(result, "cannot reach the Ray cluster at 127.0.0.1:1")
+
+
 def test_the_local_path_never_imports_ray(badnets_model: PlantResult, clean_model: PlantResult,
                                           eval_dir: Path) -> None:
     code = ("import sys; from bdaudit import api; import bdaudit.cli; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,8 @@ class RayExecutor(Executor):
         self.ray = _ray_module()
         self.cpus_per_task = cpus_per_task
         self.started = False
+        if address:
+            _check_reachable(address)
         if not self.ray.is_initialized():
             options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
             address = address or os.environ.get("RAY_ADDRESS")  # as ray.init itself would
@@ -177,6 +180,19 @@ class RayExecutor(Executor):
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
         self.started = False
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (ray.init retries for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or address == "auto":
+        return  # "auto" and other forms: Ray resolves them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise BdauditError(f"cannot reach the Ray cluster at {address}: {exc}; check --ray-address "
+                           "(HOST:PORT of the head node, e.g. 10.0.0.5:6379) or start one with `ray start --head`"
+                           ) from None
 
 
 def _ray_entry(fn: Callable[..., Any], threads: int, *args: Any) -> tuple[Any, str | None, int]:
