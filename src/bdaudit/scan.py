@@ -105,9 +105,10 @@ def _predict_all(classifier: nn.Module, data: ImageSet, transforms: Sequence[Cal
     outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
     for start in range(0, len(data), batch_size):
         x = to_float(data.images[start:start + batch_size], device)
-        with eval_autocast(device):
-            for slot, transform in enumerate(transforms):
-                outputs[slot].append(classifier(transform(x)).argmax(1))
+        for slot, transform in enumerate(transforms):
+            stamped = transform(x)  # triggers stay fp32: only the classifier's forward is autocast
+            with eval_autocast(device):
+                outputs[slot].append(classifier(stamped).argmax(1))
         if advance is not None:
             advance(min(batch_size, len(data) - start))
     return [torch.cat(chunks).cpu() for chunks in outputs]
