@@ -23,12 +23,13 @@ ModelPaths = Annotated[list[Path], typer.Argument(
     show_default=False)]
 ExecutorName = Annotated[str, typer.Option(
     "--executor", help=f"Where models (or bench cells) run: {' or '.join(EXECUTOR_NAMES)} (one Ray task each; "
-                       "needs pip install 'bdaudit[ray]').", rich_help_panel=RUNTIME)]
+                       "needs pip install 'bdaudit\\[ray]').", rich_help_panel=RUNTIME)]
 RayAddress = Annotated[str | None, typer.Option(
     "--ray-address", help="Ray cluster to join (HOST:PORT or auto); default: start a local Ray instance.",
     rich_help_panel=RUNTIME)]
 ReportDir = Annotated[Path | None, typer.Option(
-    "--report-dir", help="Write <name>.json per model and summary.json here.", rich_help_panel="Output")]
+    "--report-dir", help="Write <name>.json per model and summary.json here (with several models, --json "
+                         "writes the summary).", rich_help_panel="Output")]
 
 
 def wants_batch(models: list[Path], executor: str, report_dir: Path | None) -> bool:
