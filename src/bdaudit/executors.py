@@ -108,16 +108,16 @@ def _ray_module() -> Any:
 
 
 class RayExecutor(Executor):
-    """One Ray task per unit, each declaring one CPU and, when the device is CUDA, one GPU (so a
-    multi-GPU machine runs one unit per GPU). Joins ``address`` (``auto``: the cluster this machine
-    belongs to) or an already initialised Ray, else starts a local instance and stops it on close.
+    """One Ray task per unit, each declaring the driver's torch thread count in CPUs and, when the
+    device is CUDA, one GPU (so a multi-GPU machine runs one unit per GPU). Joins ``address``
+    (``auto``: the cluster this machine belongs to) or an already initialised Ray, else starts a
+    local instance and stops it on close.
     Workers must be able to import bdaudit (install it on every node of a cluster)."""
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, cpus_per_task: float = 1.0) -> None:
+    def __init__(self, address: str | None = None) -> None:
         self.ray = _ray_module()
-        self.cpus_per_task = cpus_per_task
         self.started = False
         if address:
             _check_reachable(address)
@@ -152,9 +152,11 @@ class RayExecutor(Executor):
         import torch
 
         ray = self.ray
-        threads = torch.get_num_threads()
-        remote = self._remote.options(num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task(device),
-                                      max_retries=0)
+        # A task computes with the driver's thread count (the same bits as --executor local) and
+        # reserves that many CPUs, so tasks never oversubscribe a node: OMP_NUM_THREADS=1 gives one
+        # task per core. Capped at the largest node, or the task could never be scheduled.
+        threads = min(torch.get_num_threads(), self._largest_node_cpus())
+        remote = self._remote.options(num_cpus=threads, num_gpus=self.gpus_per_task(device), max_retries=0)
         # args spread as top-level task arguments: Ray resolves shared handles (ObjectRefs) only there.
         pending = {remote.remote(fn, threads, *args): index for index, args in enumerate(calls)}
         try:
@@ -171,6 +173,10 @@ class RayExecutor(Executor):
         finally:
             for ref in pending:  # interrupted: do not leave the cluster computing unwanted cells
                 ray.cancel(ref, force=True)
+
+    def _largest_node_cpus(self) -> int:
+        cpus = [node.get("Resources", {}).get("CPU", 0) for node in self.ray.nodes() if node.get("Alive")]
+        return max(1, int(max(cpus, default=1)))
 
     def info(self) -> dict[str, Any]:
         resources = self.ray.cluster_resources()
