@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bdaudit.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
 from bdaudit.checkpoint import LoadedModel, load_model
 from bdaudit.clean import (
     DEFAULT_METHOD,
@@ -24,10 +25,11 @@ from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.errors import BdauditError, TriggerError
+from bdaudit.executors import Executor, LocalExecutor
 from bdaudit.inversion import inversion_reasons, invert_seeded
 from bdaudit.outputs import check_outputs
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
-from bdaudit.runtime import environment_info, resolve_device, seed_everything
+from bdaudit.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
 from bdaudit.scan import Gates, evaluate_triggers, trigger_fit_error
 from bdaudit.sequela.audit import SequelaGates, audit_sequela, reinjection_probe, sequela_reasons
 from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
@@ -244,3 +246,82 @@ def sequela(model_path: str | Path, data: DataOptions, *, original: str | Path |
         environment=environment_info(device, runtime.seed), gates=options.gates.to_dict(),
         sections={"sequela": section}, reasons=sequela_reasons(section, options.gates),
         wall_time_s=time.perf_counter() - started)
+
+
+# -- many models -----------------------------------------------------------------------------------
+# One task per model on an executor (this process, or Ray): the task functions live at module level
+# so Ray workers import them by name.
+
+OnModel = Callable[[int, int, "ModelOutcome"], None]  # (done, total, outcome) as each model finishes
+
+
+def _scan_task(model_path: Path, data: DataOptions, options: dict[str, Any]) -> Report:
+    return scan(model_path, data, **options)
+
+
+def _clean_task(model_path: Path, data: DataOptions, out: Path | None, options: dict[str, Any]) -> Report:
+    return clean(model_path, data, out, **options)
+
+
+def _run_many(kind: str, task: Callable[..., Any], entries: list[ModelEntry], calls: list[tuple[Any, ...]],
+              device: str, executor: Executor | None, report_dir: str | Path | None,
+              on_model: OnModel | None) -> BatchReport:
+    started = time.perf_counter()
+    executor = executor or LocalExecutor()
+    # A bad --device is one error for the batch, not one per model; Ray's workers resolve their own.
+    if isinstance(executor, LocalExecutor):
+        resolve_device(device)
+    else:
+        resolve_device_name(device)
+    folder = Path(report_dir) if report_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    outcomes: list[ModelOutcome | None] = [None] * len(entries)
+    for done, result in enumerate(executor.map(task, calls, device=device), start=1):
+        entry = entries[result.index]
+        outcome = ModelOutcome(entry, report=result.value) if result.ok else \
+            ModelOutcome(entry, error=result.error, error_code=result.exit_code)
+        outcomes[result.index] = outcome
+        if folder is not None and outcome.report is not None:  # as it finishes: an interrupt keeps it
+            outcome.report.write_json(folder / f"{entry.name}.json")
+        if on_model is not None:
+            on_model(done, len(entries), outcome)
+    batch = BatchReport(kind=kind, outcomes=[o for o in outcomes if o is not None], executor=executor.info(),
+                        wall_time_s=time.perf_counter() - started, report_dir=folder)
+    if folder is not None:
+        batch.write_json(folder / "summary.json")
+    return batch
+
+
+def scan_many(models: Sequence[str | Path], data: DataOptions, *, executor: Executor | None = None,
+              report_dir: str | Path | None = None, on_model: OnModel | None = None,
+              **options: Any) -> BatchReport:
+    """``scan`` each model (paths, folders of checkpoints or manifests; see ``resolve_models``) with
+    the same ``options``; a model that fails (e.g. does not load) is reported, the others still run.
+    ``report_dir`` receives ``<name>.json`` per model and ``summary.json``."""
+    entries = resolve_models(models)
+    options.pop("progress", None)  # progress bars belong to one in-process scan
+    device = (options.get("runtime") or Runtime()).device
+    calls = [(e.path, data, options) for e in entries]
+    return _run_many("scan", _scan_task, entries, calls, device, executor, report_dir, on_model)
+
+
+def clean_many(models: Sequence[str | Path], data: DataOptions, out_dir: str | Path | None = None, *,
+               executor: Executor | None = None, report_dir: str | Path | None = None,
+               on_model: OnModel | None = None, **options: Any) -> BatchReport:
+    """``clean`` each model; ``out_dir`` (if given) receives ``<name>.safetensors`` per model."""
+    entries = resolve_models(models)
+    options.pop("on_epoch", None)  # per-epoch lines of several models would interleave
+    device = (options.get("runtime") or Runtime()).device
+    folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None and folder.suffix == ".safetensors" and len(entries) == 1:
+        outs: list[Path | None] = [folder]  # one model (e.g. with --report-dir): --out is its file
+    elif folder is not None:
+        if folder.suffix == ".safetensors":
+            raise BdauditError(f"with several models --out is a folder for <name>.safetensors, not {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+        outs = [folder / f"{e.name}.safetensors" for e in entries]
+    else:
+        outs = [None] * len(entries)
+    calls = [(e.path, data, out, options) for e, out in zip(entries, outs, strict=True)]
+    return _run_many("clean", _clean_task, entries, calls, device, executor, report_dir, on_model)

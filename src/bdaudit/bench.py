@@ -30,10 +30,11 @@ from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_preproc
 from bdaudit.defenses import DEFENSES, create_defense
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE
 from bdaudit.errors import BdauditError
+from bdaudit.executors import Executor, LocalExecutor
 from bdaudit.intake import HF_PREFIX
 from bdaudit.inversion import invert_seeded
 from bdaudit.plant import TrainSettings, plant
-from bdaudit.runtime import environment_info, resolve_device, seed_everything
+from bdaudit.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
 from bdaudit.sequela.mia import membership_inference
 from bdaudit.sequela.reinjection import reinjection_attack
 from bdaudit.triggers import Trigger, create_trigger, parse_trigger
@@ -45,7 +46,7 @@ BENCH_VERSION = "1.0.0"
 # fine-tuning on 250 images already costs 1.2 points, and at 50 images only no-op methods qualify.
 MAX_ACCURACY_COST = 0.02
 CSV_COLUMNS = ("model", "attack", "clean_images", "method", "ca_before", "ca_after", "accuracy_drop",
-               "asr_before", "asr_after", "mia_auc", "reinjection_asr", "reinjection_steps", "seconds")
+               "asr_before", "asr_after", "mia_auc", "reinjection_asr", "reinjection_steps", "seconds", "error")
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,12 @@ class BenchResult:
     reused: int
     seconds: float
     environment: dict[str, Any]
+    failed: int = 0  # cells whose task raised: rows with an ``error``, retried by the next run
 
     def to_dict(self) -> dict[str, Any]:
         return {"bench_version": BENCH_VERSION, "tool": {"name": "bdaudit", "version": __version__},
                 "environment": self.environment, "wall_time_s": round(self.seconds, 1),
-                "computed": self.computed, "reused": self.reused,
+                "computed": self.computed, "reused": self.reused, "failed": self.failed,
                 "rule": f"recommended: lowest worst-case ASR (ties: mean ASR, then mean accuracy cost) among "
                         f"methods whose accuracy cost is <= {MAX_ACCURACY_COST:.0%} on every model",
                 "recommended": {str(k): v for k, v in self.recommended.items()},
@@ -291,20 +293,40 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
     return row
 
 
+def bench_cell(subject: Subject, model_data: tuple[LoadedModel, list[Trigger], ImageSet, ImageSet], size: int,
+               method: str, settings: dict[str, Any], plan: BenchPlan, device: str) -> dict[str, Any]:
+    """One cell from what the driver loaded once per model: the unit an executor runs (in this
+    process or as a Ray task), so both compute from the same inputs and seed."""
+    loaded, triggers, pool, heldout = model_data
+    tune = stratified_subset(pool, size, plan.seed)
+    split = DataSplit(tune=tune, heldout=heldout, info={"tune_sha256": tune.digest()})
+    return run_cell(subject, loaded, triggers, split, method, settings, plan, resolve_device(device),
+                    attacker_data=pool)
+
+
 CellCallback = Callable[[int, int, dict[str, Any], bool], None]  # (index, total, row, reused)
 
 
 def run_bench(subjects: Sequence[Subject], clean_data: Path, eval_data: Path, plan: BenchPlan, out_dir: Path,
-              *, device: str = "auto", on_cell: CellCallback | None = None) -> BenchResult:
-    """Every subject x clean size x method; results appended to ``out_dir/cells.jsonl`` as they finish."""
+              *, device: str = "auto", on_cell: CellCallback | None = None,
+              executor: Executor | None = None) -> BenchResult:
+    """Every subject x clean size x method; results appended to ``out_dir/cells.jsonl`` as they finish.
+
+    The driver loads each model and its data once (their digests key the cells); the cells not yet
+    in the cache run on ``executor`` (default: this process). A cell that fails becomes a row with an
+    ``error`` and is not cached, so the next run retries it and only it."""
     started = time.perf_counter()
-    torch_device = resolve_device(device)
+    executor = executor or LocalExecutor()
+    # Under Ray the workers pick the device (a GPU task sees its GPU); locally, a bad name fails here.
+    torch_device = resolve_device(device) if isinstance(executor, LocalExecutor) else None
+    resolve_device_name(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_path = out_dir / "cells.jsonl"
     cache = read_cache(cache_path)
     total = len(subjects) * len(plan.clean_sizes) * len(plan.methods)
-    rows: list[dict[str, Any]] = []
-    computed = reused = 0
+    rows: list[dict[str, Any] | None] = []
+    jobs: list[tuple[int, str, str, tuple[Any, ...]]] = []  # (row slot, key, label, call args)
+    reused = 0
     for subject in subjects:
         loaded = subject.load()
         triggers = subject.triggers(loaded)
@@ -312,9 +334,9 @@ def run_bench(subjects: Sequence[Subject], clean_data: Path, eval_data: Path, pl
         names = loaded.config.class_names
         pool = load_image_folder(clean_data, prep, names)
         heldout = load_image_folder(eval_data, prep, pool.class_names)
+        shared = None
         for size in plan.clean_sizes:
             tune = stratified_subset(pool, size, plan.seed)
-            split = DataSplit(tune=tune, heldout=heldout, info={"tune_sha256": tune.digest()})
             for entry in plan.methods:
                 method, base = method_label(entry), method_base(entry)
                 settings = plan.method_settings.get(method, {})
@@ -329,22 +351,41 @@ def run_bench(subjects: Sequence[Subject], clean_data: Path, eval_data: Path, pl
                 parts.update({k: v for k, v in options.items() if v != CLEAN_OPTIONS[k]})
                 key = cell_key(parts)
                 if key in cache:
-                    row, was_cached = {**cache[key], "model": subject.name, "method": method}, True
+                    rows.append({**cache[key], "model": subject.name, "method": method})
                     reused += 1
-                else:
-                    row = {"key": key, **run_cell(subject, loaded, triggers, split, base, settings, plan,
-                                                  torch_device, attacker_data=pool), "method": method}
-                    with cache_path.open("a") as handle:
-                        handle.write(json.dumps(row) + "\n")
-                    was_cached = False
-                    computed += 1
-                rows.append(row)
-                if on_cell is not None:
-                    on_cell(len(rows), total, row, was_cached)
-    summary = summarize(rows)
-    result = BenchResult(rows=rows, summary=summary, recommended=recommend(summary), computed=computed,
+                    if on_cell is not None:
+                        on_cell(len(rows), total, rows[-1], True)
+                    continue
+                if shared is None:  # sent to the workers once per model, only if a cell needs it
+                    shared = executor.share((loaded, triggers, pool, heldout))
+                rows.append(None)
+                jobs.append((len(rows) - 1, key, method,
+                             (subject, shared, size, base, settings, plan, device)))
+    computed = failed = 0
+    done = reused
+    for outcome in executor.map(bench_cell, [job[3] for job in jobs], device=device):
+        slot, key, method, args = jobs[outcome.index]
+        if outcome.ok:
+            row = {"key": key, **outcome.value, "method": method}
+            with cache_path.open("a") as handle:  # at once: a later interrupt keeps this cell
+                handle.write(json.dumps(row) + "\n")
+            computed += 1
+        else:
+            subject = args[0]
+            row = {"key": key, "model": subject.name, "attack": subject.attack, "clean_images": args[2],
+                   "method": method, "error": outcome.error, "exit_code": outcome.exit_code}
+            failed += 1
+        rows[slot] = row
+        done += 1
+        if on_cell is not None:
+            on_cell(done, total, row, False)
+    finished = [r for r in rows if r is not None]
+    summary = summarize([r for r in finished if "error" not in r])
+    env = environment_info(torch_device, plan.seed) if torch_device is not None else {"device": device,
+                                                                                       "seed": plan.seed}
+    result = BenchResult(rows=finished, summary=summary, recommended=recommend(summary), computed=computed,
                          reused=reused, seconds=time.perf_counter() - started,
-                         environment=environment_info(torch_device, plan.seed))
+                         environment={**env, "executor": executor.info()}, failed=failed)
     write_outputs(result, out_dir)
     return result
 
@@ -410,7 +451,8 @@ def plot_scatter(rows: Sequence[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted({r["clean_images"] for r in rows}, reverse=True)
+    rows = [r for r in rows if "error" not in r]  # a failed cell has no point to plot
+    sizes = sorted({r["clean_images"] for r in rows}, reverse=True) or [0]
     methods = sorted({r["method"] for r in rows})
     models = sorted({r["model"] for r in rows})
     markers = "osD^v<>pP*Xh"

@@ -86,6 +86,8 @@ class ImageSet:
 
 
 def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    if torch.device(device).type == "cuda":  # pinned host pages: an asynchronous uint8 copy (4x smaller than float)
+        return images.pin_memory().to(device, non_blocking=True).float().div_(255.0)
     return images.to(device).float().div_(255.0)
 
 

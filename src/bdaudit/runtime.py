@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 
 import numpy as np
@@ -12,10 +14,16 @@ from bdaudit.errors import BdauditError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+def resolve_device_name(name: str) -> str:
+    """Check the spelling only (for devices resolved elsewhere, e.g. on Ray workers)."""
     if name not in DEVICES and not name.startswith("cuda:"):
         raise BdauditError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), not '{name}'")
+    return name
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    resolve_device_name(name)
     mps = getattr(torch.backends, "mps", None)
     mps_ok = bool(mps and mps.is_available())
     if name == "auto":
@@ -25,6 +33,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "mps" and not mps_ok:
         raise BdauditError("--device mps was asked for but MPS is not available; use --device auto")
     return torch.device(name)
+
+
+def eval_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for forward-only evaluation on CUDA (faster, halves activation memory); off
+    on CPU and MPS so CPU numbers stay bit-identical. Only predictions (argmax) come out of these
+    passes, never gradients or trained weights; BDAUDIT_FP32=1 turns it off for an exact-fp32 audit."""
+    if device.type != "cuda" or os.environ.get("BDAUDIT_FP32") == "1" or not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int) -> torch.Generator:

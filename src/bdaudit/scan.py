@@ -11,6 +11,7 @@ from torch import nn
 
 from bdaudit.data import ImageSet, to_float
 from bdaudit.errors import BdauditError
+from bdaudit.runtime import eval_autocast
 from bdaudit.triggers import Trigger
 
 DEFAULT_FAIL_ASR = 0.3
@@ -98,16 +99,19 @@ def attack_success_rates(preds: torch.Tensor, labels: torch.Tensor, num_classes:
 def _predict_all(classifier: nn.Module, data: ImageSet, transforms: Sequence[Callable],
                  batch_size: int, device: torch.device, advance: Callable[[int], None] | None,
                  ) -> list[torch.Tensor]:
-    """Predictions under each transform, converting each uint8 batch to float once."""
+    """Predictions under each transform, converting each uint8 batch to float once. They stay on
+    the device until the end: one copy back, no per-batch synchronisation."""
     classifier.to(device, memory_format=torch.channels_last).eval()
     outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
     for start in range(0, len(data), batch_size):
         x = to_float(data.images[start:start + batch_size], device)
         for slot, transform in enumerate(transforms):
-            outputs[slot].append(classifier(transform(x)).argmax(1).cpu())
+            stamped = transform(x)  # triggers stay fp32: only the classifier's forward is autocast
+            with eval_autocast(device):
+                outputs[slot].append(classifier(stamped).argmax(1))
         if advance is not None:
             advance(min(batch_size, len(data) - start))
-    return [torch.cat(chunks) for chunks in outputs]
+    return [torch.cat(chunks).cpu() for chunks in outputs]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

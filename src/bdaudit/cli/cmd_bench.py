@@ -29,8 +29,10 @@ from bdaudit.cli.app import (
     parse_settings,
     write_rendered,
 )
+from bdaudit.cli.batch import ExecutorName, RayAddress
 from bdaudit.defenses import DEFENSES
 from bdaudit.errors import BdauditError
+from bdaudit.executors import create_executor
 from bdaudit.plant import TrainSettings
 from bdaudit.render import bench_tables
 
@@ -89,12 +91,16 @@ def bench(
     seed: Seed = 0,
     html: HtmlOut = None,
     quiet: Quiet = False,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
     debug: Debug = False,
 ) -> None:
     """Apply each defense to each backdoored model at each clean-data size; tables, JSON, CSV, plot.
 
     Cells already in OUT_DIR/cells.jsonl (same model, data, settings, seed) are reused, so an
-    interrupted bench resumes where it stopped. Exit 0 on completion, 2 on bad input.
+    interrupted bench resumes where it stopped. Exit 0 on completion, 2 on bad input; a cell that
+    fails is reported (and retried by the next run) while the others go on, then exit 2 (bad input)
+    or 3 (anything else).
     """
     guard_outputs([*(("--out-dir", out_dir / name) for name in BENCH_OUTPUTS), ("--html", html)],
                   [clean_data, eval_data, models, data])
@@ -123,17 +129,25 @@ def bench(
                      reinjection_steps=reinjection_steps, seed=seed)
 
     def progress(index: int, total: int, row: dict[str, Any], reused: bool) -> None:
-        if not quiet:
+        if "error" in row:
+            console.print(f"[{index}/{total}] {row['model']} {row['clean_images']} clean {row['method']}: "
+                          f"FAILED: {row['error']}", markup=False)
+        elif not quiet:
             took = "cached" if reused else f"{row['seconds']:.0f}s"
             console.print(f"[{index}/{total}] {row['model']} {row['clean_images']} clean {row['method']}: "
                           f"CA {row['ca_after']:.1%} ASR {row['asr_before']:.1%} -> {row['asr_after']:.1%} "
                           f"({took})", markup=False)
 
-    result = run_bench(subjects, clean_data, eval_data, plan, out_dir, device=device, on_cell=progress)
+    with create_executor(executor, ray_address) as engine:
+        result = run_bench(subjects, clean_data, eval_data, plan, out_dir, device=device, on_cell=progress,
+                           executor=engine)
     if html is not None:
         write_rendered(result.to_dict(), None, html)
     if not quiet:
         for table in bench_tables(result.to_dict()):
             console.print(table)
-    console.print(f"bench: {result.computed} cells computed, {result.reused} reused, {result.seconds:.0f}s; "
-                  f"results in {out_dir}/ (bench.json, bench.csv, scatter.png)")
+    console.print(f"bench: {result.computed} cells computed, {result.reused} reused, {result.failed} failed, "
+                  f"{result.seconds:.0f}s; results in {out_dir}/ (bench.json, bench.csv, scatter.png)")
+    if result.failed:
+        codes = [row.get("exit_code", 3) for row in result.rows if "error" in row]
+        raise typer.Exit(max(codes))

@@ -27,7 +27,6 @@ from bdaudit.cli.app import (
     Mean,
     MethodSettings,
     ModelConfigFile,
-    ModelPath,
     NullMargin,
     NumClasses,
     Quiet,
@@ -48,6 +47,7 @@ from bdaudit.cli.app import (
     parse_settings,
     trigger_inputs,
 )
+from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
 from bdaudit.cli.cmd_sequela import (
     MaxMiaAuc,
     MaxReinjection,
@@ -56,6 +56,7 @@ from bdaudit.cli.cmd_sequela import (
     ReinjectionSteps,
     sequela_options,
 )
+from bdaudit.errors import BdauditError
 from bdaudit.render import epoch_progress, render_schedule
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN, Gates
 
@@ -72,7 +73,7 @@ SETTING_FLAGS = ("epochs", "batch_size", "optimizer", "momentum", "weight_decay"
 @guarded
 def clean(
     ctx: typer.Context,
-    model: ModelPath,
+    model: ModelPaths,
     data: DataDir,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the cleaned "
                                              ".safetensors (omit to only measure).")] = None,
@@ -140,18 +141,30 @@ def clean(
     sarif: SarifOut = None,
     html: HtmlOut = None,
     quiet: Quiet = False,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    report_dir: ReportDir = None,
     debug: Debug = False,
 ) -> None:
     """Remove MODEL's backdoor by fine-tuning on the clean data; report utility and residual ASR.
 
     Exit 0 when every gate passes, 1 when a trigger stays at or above --fail-asr or accuracy falls
-    more than --max-accuracy-drop, 2 on bad input; MODEL is never modified.
+    more than --max-accuracy-drop, 2 on bad input; MODEL is never modified. With several models
+    (files, folders, a manifest), --out is a folder for <name>.safetensors; one report each, a
+    summary, the worst model's exit code.
     """
     v = merge_config(ctx, config, dict(locals()))
     v.pop("ctx")
-    guard_outputs([("--out", v["out"]), ("--json", v["json_out"]), ("--sarif", v["sarif"]), ("--html", v["html"])],
-                  [*model_inputs(v["model"], v["model_config"]), v["data"], v["eval_data"], v["members"],
-                   *model_inputs(v["reference"], None), config, v["triggers_file"], *trigger_inputs(v["trigger"])])
+    batch = wants_batch(v["model"], v["executor"], v["report_dir"])
+    # With several models --out is a folder: each cleaned file is checked against its inputs by api.clean.
+    guard_outputs([("--out", None if batch else v["out"]), ("--json", v["json_out"]), ("--sarif", v["sarif"]),
+                   ("--html", v["html"])],
+                  [*(p for m in v["model"] for p in model_inputs(m, v["model_config"])), v["data"], v["eval_data"],
+                   v["members"], *model_inputs(v["reference"], None), config, v["triggers_file"],
+                   *trigger_inputs(v["trigger"])])
+    if batch and (v["sarif"] is not None or v["html"] is not None):
+        raise BdauditError("--sarif/--html render one model's report: with several models use --report-dir "
+                           "and `bdaudit report DIR/NAME.json --html OUT.html`")
     settings: dict[str, Any] = {**parse_settings(v["set_"]),
                                 **{k: v[k] for k in SETTING_FLAGS if v[k] is not None}}
     console, show = consoles(v["json_out"], v["quiet"])
@@ -163,17 +176,22 @@ def clean(
         model_config=v["model_config"])
     data_options = api.DataOptions(v["data"], v["eval_data"], v["holdout"])
     if v["show_schedule"]:
-        render_schedule(api.plan_schedule(v["model"], data_options, **common), console)
+        if batch:
+            raise BdauditError("--show-schedule prints one model's schedule: name a single model")
+        render_schedule(api.plan_schedule(v["model"][0], data_options, **common), console)
         return
 
+    common.update(
+        triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],
+        gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
+        force=v["force"], unlearn_fraction=v["unlearn_fraction"], invert=v["invert"],
+        sequela=None if v["no_sequela"] else sequela_options(
+            v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]))
+    if batch:
+        run_batch(api.clean_many, v["model"], data_options, v["out"], executor=v["executor"],
+                  ray_address=v["ray_address"], report_dir=v["report_dir"], json_out=v["json_out"],
+                  console=console, show=show, **common)
+        return
     with epoch_progress(console, show) as progress:
-        report = api.clean(
-            v["model"], data_options, v["out"], triggers=v["trigger"] or (),
-            triggers_file=v["triggers_file"], target=v["target"],
-            gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
-            force=v["force"], on_epoch=progress, unlearn_fraction=v["unlearn_fraction"],
-            invert=v["invert"],
-            sequela=None if v["no_sequela"] else sequela_options(
-                v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
-            **common)
+        report = api.clean(v["model"][0], data_options, v["out"], on_epoch=progress, **common)
     finish(report, v["json_out"], console, show, v["sarif"], v["html"])

@@ -25,7 +25,6 @@ from bdaudit.cli.app import (
     JsonOut,
     Mean,
     ModelConfigFile,
-    ModelPath,
     NullMargin,
     NumClasses,
     Quiet,
@@ -45,6 +44,8 @@ from bdaudit.cli.app import (
     model_inputs,
     trigger_inputs,
 )
+from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
+from bdaudit.errors import BdauditError
 from bdaudit.render import progress_bars
 from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN, Gates
 
@@ -53,7 +54,7 @@ from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARG
 @guarded
 def scan(
     ctx: typer.Context,
-    model: ModelPath,
+    model: ModelPaths,
     data: DataDir,
     eval_data: EvalDir = None,
     holdout: Holdout = 0.2,
@@ -82,24 +83,37 @@ def scan(
     sarif: SarifOut = None,
     html: HtmlOut = None,
     quiet: Quiet = False,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    report_dir: ReportDir = None,
     debug: Debug = False,
 ) -> None:
     """Probe MODEL with known backdoor triggers on held-out clean images; report ASR per trigger.
 
-    Exit 0 when no trigger reaches --fail-asr, 1 when one does, 2 on bad input.
+    Exit 0 when no trigger reaches --fail-asr, 1 when one does, 2 on bad input. With several
+    models (files, folders, a manifest): one report each, a summary, the worst model's exit code.
     """
     v = merge_config(ctx, config, dict(locals()))
+    batch = wants_batch(v["model"], v["executor"], v["report_dir"])
     guard_outputs([("--json", v["json_out"]), ("--sarif", v["sarif"]), ("--html", v["html"])],
-                  [*model_inputs(v["model"], v["model_config"]), v["data"], v["eval_data"], v["triggers_file"],
-                   config, *trigger_inputs(v["trigger"])])
+                  [*(p for m in v["model"] for p in model_inputs(m, v["model_config"])), v["data"], v["eval_data"],
+                   v["triggers_file"], config, *trigger_inputs(v["trigger"])])
+    if batch and (v["sarif"] is not None or v["html"] is not None):
+        raise BdauditError("--sarif/--html render one model's report: with several models use --report-dir "
+                           "and `bdaudit report DIR/NAME.json --html OUT.html`")
     console, show = consoles(v["json_out"], v["quiet"])
+    options = dict(
+        triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],
+        gates=Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None),
+        runtime=api.Runtime(v["device"], v["batch_size"], v["seed"]), invert=v["invert"],
+        model_flags=model_flags(v["arch"], v["num_classes"], v["in_chans"], v["input_size"], v["mean"],
+                                v["std"], v["class_names"]),
+        model_config=v["model_config"])
+    data_options = api.DataOptions(v["data"], v["eval_data"], v["holdout"])
+    if batch:
+        run_batch(api.scan_many, v["model"], data_options, executor=v["executor"], ray_address=v["ray_address"],
+                  report_dir=v["report_dir"], json_out=v["json_out"], console=console, show=show, **options)
+        return
     with progress_bars(console, show and console.is_terminal) as progress:
-        report = api.scan(
-            v["model"], api.DataOptions(v["data"], v["eval_data"], v["holdout"]), triggers=v["trigger"] or (),
-            triggers_file=v["triggers_file"], target=v["target"],
-            gates=Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None),
-            runtime=api.Runtime(v["device"], v["batch_size"], v["seed"]), invert=v["invert"],
-            model_flags=model_flags(v["arch"], v["num_classes"], v["in_chans"], v["input_size"], v["mean"],
-                                    v["std"], v["class_names"]),
-            model_config=v["model_config"], progress=progress)
+        report = api.scan(v["model"][0], data_options, progress=progress, **options)
     finish(report, v["json_out"], console, show, v["sarif"], v["html"])
