@@ -8,6 +8,7 @@ plus a summary (``summary.json``): which model failed which gate, and the worst 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import yaml
 from bdaudit import __version__
 from bdaudit.checkpoint import TORCH_SUFFIXES, atomic_output
 from bdaudit.errors import BdauditError
+from bdaudit.intake import is_model_folder
 from bdaudit.report import Report
 
 BATCH_VERSION = "1.0.0"
@@ -47,9 +49,23 @@ def _from_manifest(path: Path) -> list[tuple[str, Path]]:
                            "mapping of name -> {file: PATH} (see sample_models/manifest.yaml)") from None
 
 
+def is_one_model(path: Path) -> bool:
+    """A path the loader takes as one model: a file, a timm/HF model folder (config.json + weights), or
+    a folder named like a checkpoint (the loader then says why it is not one)."""
+    return not path.is_dir() or is_model_folder(path) or path.suffix in CHECKPOINT_SUFFIXES
+
+
 def _from_directory(path: Path) -> list[tuple[str, Path]]:
-    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(path):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in list(dirs):
+            if is_model_folder(here / name):  # a model folder is one model, not a folder of checkpoints
+                found.append(here / name)
+                dirs.remove(name)
+        found += [here / f for f in files if not f.startswith(".") and Path(f).suffix in CHECKPOINT_SUFFIXES]
+    found.sort()
     if not found:
         raise BdauditError(f"{path} holds no checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); name model files, "
                            "a folder of them or a manifest .yaml")
@@ -65,7 +81,7 @@ def resolve_models(paths: Sequence[str | Path]) -> list[ModelEntry]:
     named: list[tuple[str, Path]] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if not is_one_model(path):
             named += _from_directory(path)
         elif path.suffix in MANIFEST_SUFFIXES:
             named += _from_manifest(path)
@@ -83,7 +99,7 @@ def resolve_models(paths: Sequence[str | Path]) -> list[ModelEntry]:
 
 def is_batch(paths: Sequence[str | Path]) -> bool:
     """Several models, a folder or a manifest (a single checkpoint keeps the one-report output)."""
-    return len(paths) != 1 or Path(paths[0]).is_dir() or Path(paths[0]).suffix in MANIFEST_SUFFIXES
+    return len(paths) != 1 or not is_one_model(Path(paths[0])) or Path(paths[0]).suffix in MANIFEST_SUFFIXES
 
 
 @dataclass

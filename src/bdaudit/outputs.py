@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bdaudit.errors import BdauditError
 
-__all__ = ["OutputTransaction", "atomic_output", "check_outputs", "output_transaction", "write_output"]
+__all__ = ["OutputTransaction", "atomic_output", "check_outputs", "keep_outputs", "output_transaction", "write_output"]
 
 _CURRENT: contextvars.ContextVar[OutputTransaction | None] = contextvars.ContextVar("bdaudit_outputs",
                                                                                      default=None)
@@ -158,6 +158,14 @@ def output_transaction() -> Iterator[OutputTransaction]:
         raise
     finally:
         _CURRENT.reset(token)
+
+
+def keep_outputs() -> None:
+    """Commit what the current command has written so far: it is a finished result even if the
+    command's exit code will be 2 (e.g. a batch whose summary reports one model that did not load)."""
+    txn = _CURRENT.get()
+    if txn is not None:
+        txn.commit()
 
 
 def _backup(path: Path) -> Path:

@@ -15,6 +15,7 @@ from rich.table import Table
 from bdaudit.batch import BatchReport, ModelOutcome, is_batch
 from bdaudit.errors import BdauditError
 from bdaudit.executors import EXECUTOR_NAMES, create_executor
+from bdaudit.outputs import keep_outputs
 
 RUNTIME = "Runtime"
 ModelPaths = Annotated[list[Path], typer.Argument(
@@ -64,6 +65,8 @@ def run_batch(run: Callable[..., BatchReport], models: list[Path], *args: Any, e
         for outcome in batch.outcomes:
             if outcome.status == "fail":
                 console.print(f"FAIL {outcome.entry.name}: " + "; ".join(outcome.report.reasons), markup=False)
+    # Every model ran and the summary says which did not: those results stand, whatever the exit code.
+    keep_outputs()
     if batch.exit_code:
         raise typer.Exit(batch.exit_code)
 
