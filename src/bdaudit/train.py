@@ -15,6 +15,7 @@ from bdaudit.data import ImageSet, to_float
 # Far beyond any useful run, yet small enough that a typo (--epochs 10^20) is refused, not started.
 MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
+MAX_STEPS = 1_000_000
 
 # (images in [0, 1], labels, dataset indices, generator) -> (images, labels): e.g. poisoning.
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],

@@ -11,6 +11,7 @@ from bdaudit.schedules import Constant, Cosine
 from bdaudit.train import (
     MAX_BATCH,
     MAX_EPOCHS,
+    MAX_STEPS,
     Augment,
     LossFunction,
     LrFunction,
@@ -40,8 +41,8 @@ class TuneSettings:
             raise BdauditError(f"--epochs must be between 1 and {MAX_EPOCHS}, not {self.epochs}")
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise BdauditError(f"--batch-size must be between 1 and {MAX_BATCH}, not {self.batch_size}")
-        if self.min_steps > MAX_EPOCHS * MAX_BATCH:
-            raise BdauditError(f"--min-steps must be at most {MAX_EPOCHS * MAX_BATCH}, not {self.min_steps}")
+        if self.min_steps > MAX_STEPS:
+            raise BdauditError(f"--min-steps must be at most {MAX_STEPS}, not {self.min_steps}")
         if self.min_steps < 0:
             raise BdauditError(f"--min-steps must be >= 0, not {self.min_steps}")
         if not 0.0 <= self.momentum < 1.0:
