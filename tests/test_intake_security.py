@@ -197,3 +197,22 @@ def test_input_size_one_number_and_class_count_checked_against_data(tmp_path: Pa
     assert_usage_error(invoke("scan", tmp_path / "seq.pt", "--data", gray_data, "--arch",
                               "thirdparty_models:sequential", "--input-size", "28,28,3"), "--input-size takes")
 
+
+
+def test_colour_images_for_a_grayscale_model_are_refused(tmp_path: Path, net_state) -> None:
+    from PIL import Image
+
+    torch.save(net_state, tmp_path / "m.pt")
+    gen = torch.Generator().manual_seed(1)
+    for c in range(10):
+        (tmp_path / "rgb" / str(c)).mkdir(parents=True)
+        pixels = torch.randint(0, 256, (28, 28, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels, mode="RGB").save(tmp_path / "rgb" / str(c) / "0.png")
+        for i in range(1, 4):
+            Image.fromarray(pixels[..., i - 1], mode="L").convert("RGB").save(tmp_path / "rgb" / str(c) / f"{i}.png")
+    args = ("--arch", "thirdparty_models:Net", "--input-size", "28")
+    result = invoke("scan", tmp_path / "m.pt", "--data", tmp_path / "rgb", *args)
+    assert_usage_error(result, "is a colour image but the model takes 1 input channel")
+    for c in range(10):  # grey pictures stored as RGB are fine
+        (tmp_path / "rgb" / str(c) / "0.png").unlink()
+    assert invoke("scan", tmp_path / "m.pt", "--data", tmp_path / "rgb", *args, "-q").exit_code in (0, 1)
