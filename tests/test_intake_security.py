@@ -114,6 +114,7 @@ def test_auto_sidecar_cannot_name_code_but_the_users_model_config_can(tmp_path: 
     loaded = load_model(path, config_file=tmp_path / "m.yaml")
     assert loaded.config.provenance["arch_source"] == "user-supplied callable (model config m.yaml)"
     assert loaded.channels_last is False  # the tutorial net flattens with .view
+    assert loaded.config.head == "fc2"  # the last linear layer giving one logit per class (for fp/fst, --scope head)
 
 
 @pytest.mark.parametrize(("arch", "message"), [
