@@ -217,3 +217,13 @@ def test_colour_images_for_a_grayscale_model_are_refused(tmp_path: Path, net_sta
     for c in range(10):  # grey pictures stored as RGB are fine
         (tmp_path / "rgb" / str(c) / "0.png").unlink()
     assert invoke("scan", tmp_path / "m.pt", "--data", tmp_path / "rgb", *args, "-q").exit_code in (0, 1)
+
+
+def test_legacy_whole_model_pickle_and_hf_hub_ids(tmp_path: Path, gray_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    legacy = tmp_path / "legacy.pt"
+    torch.save(Net(), legacy, _use_new_zipfile_serialization=False)  # pre-1.6 format: no zip, several pickles
+    findings = scan_pickle_file(legacy)
+    assert "thirdparty_models.Net" in findings.custom and not findings.dangerous
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert_usage_error(invoke("scan", "hf-hub:acme/absent", "--data", gray_data), "not in the local Hugging Face cache")
+    assert_usage_error(invoke("scan", "hf-hub:../../etc", "--data", gray_data), "is not a Hugging Face model id")
