@@ -21,8 +21,8 @@ from bdaudit.picklescan import printable
 REGISTRY_PREFIXES = ("timm:", "torchvision:")
 # Keyword arguments that make a builder read files, download weights or take code; never taken
 # from a model file (a timm ``checkpoint_path`` would even torch.load another file).
-_UNSAFE_KWARG = re.compile(r"path|file|dir|url|pretrained|weights|cache|hub|progress|checkpoint|layer|fn|"
-                           r"block|module|cls|class_|factory|builder", re.IGNORECASE)
+_UNSAFE_KWARG = re.compile(r"path|file|dir$|dir_|url|pretrained|weights|cache|hub|progress|checkpoint|"
+                           r"_layer$|_fn$|_cls$|^block|module|factory|builder|callable", re.IGNORECASE)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
