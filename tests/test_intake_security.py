@@ -114,6 +114,7 @@ def test_auto_sidecar_cannot_name_code_but_the_users_model_config_can(tmp_path: 
     loaded = load_model(path, config_file=tmp_path / "m.yaml")
     assert loaded.config.provenance["arch_source"] == "user-supplied callable (model config m.yaml)"
     assert loaded.channels_last is False  # the tutorial net flattens with .view
+    assert loaded.config.head == "fc2"  # the last linear layer giving one logit per class (for fp/fst, --scope head)
 
 
 @pytest.mark.parametrize(("arch", "message"), [
@@ -197,3 +198,32 @@ def test_input_size_one_number_and_class_count_checked_against_data(tmp_path: Pa
     assert_usage_error(invoke("scan", tmp_path / "seq.pt", "--data", gray_data, "--arch",
                               "thirdparty_models:sequential", "--input-size", "28,28,3"), "--input-size takes")
 
+
+
+def test_colour_images_for_a_grayscale_model_are_refused(tmp_path: Path, net_state) -> None:
+    from PIL import Image
+
+    torch.save(net_state, tmp_path / "m.pt")
+    gen = torch.Generator().manual_seed(1)
+    for c in range(10):
+        (tmp_path / "rgb" / str(c)).mkdir(parents=True)
+        pixels = torch.randint(0, 256, (28, 28, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels, mode="RGB").save(tmp_path / "rgb" / str(c) / "0.png")
+        for i in range(1, 4):
+            Image.fromarray(pixels[..., i - 1], mode="L").convert("RGB").save(tmp_path / "rgb" / str(c) / f"{i}.png")
+    args = ("--arch", "thirdparty_models:Net", "--input-size", "28")
+    result = invoke("scan", tmp_path / "m.pt", "--data", tmp_path / "rgb", *args)
+    assert_usage_error(result, "is a colour image but the model takes 1 input channel")
+    for c in range(10):  # grey pictures stored as RGB are fine
+        (tmp_path / "rgb" / str(c) / "0.png").unlink()
+    assert invoke("scan", tmp_path / "m.pt", "--data", tmp_path / "rgb", *args, "-q").exit_code in (0, 1)
+
+
+def test_legacy_whole_model_pickle_and_hf_hub_ids(tmp_path: Path, gray_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    legacy = tmp_path / "legacy.pt"
+    torch.save(Net(), legacy, _use_new_zipfile_serialization=False)  # pre-1.6 format: no zip, several pickles
+    findings = scan_pickle_file(legacy)
+    assert "thirdparty_models.Net" in findings.custom and not findings.dangerous
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert_usage_error(invoke("scan", "hf-hub:acme/absent", "--data", gray_data), "not in the local Hugging Face cache")
+    assert_usage_error(invoke("scan", "hf-hub:../../etc", "--data", gray_data), "is not a Hugging Face model id")

@@ -26,6 +26,7 @@ from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.errors import BdauditError, TriggerError
 from bdaudit.executors import Executor, LocalExecutor
+from bdaudit.intake import check_data_channels
 from bdaudit.inversion import inversion_reasons, invert_seeded
 from bdaudit.outputs import check_outputs
 from bdaudit.report import Report, model_section, scan_reasons, scan_section
@@ -89,6 +90,7 @@ def open_model_and_data(model_path: str | Path, data: DataOptions, runtime: Runt
                         model_flags: dict[str, Any] | None = None,
                         model_config: str | Path | None = None) -> tuple[LoadedModel, DataSplit]:
     loaded = load_model(model_path, model_flags, model_config)
+    check_data_channels(data.path, loaded.config.in_chans)
     split = resolve_data(data.path, loaded.config, data.holdout, runtime.seed, data.eval_path)
     return loaded, split
 

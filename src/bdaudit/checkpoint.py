@@ -283,10 +283,16 @@ def _folder_fields(folder_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_head_from_model(config: ModelConfig, net: nn.Module) -> ModelConfig:
-    """Fill the head boundary from timm's pretrained_cfg (e.g. ``fc`` or ``head``)."""
+    """Fill the head boundary from timm's pretrained_cfg (e.g. ``fc`` or ``head``); for other models,
+    the last ``nn.Linear`` that outputs one logit per class (a tutorial net's ``fc2``)."""
+    modules = dict(net.named_modules())
     head = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
-    if isinstance(head, str) and head in dict(net.named_modules()):
+    if isinstance(head, str) and head in modules:
         return dataclasses.replace(config, head=head)
+    linears = [name for name, m in modules.items()
+               if isinstance(m, nn.Linear) and m.out_features == config.num_classes and name]
+    if linears:
+        return dataclasses.replace(config, head=linears[-1])
     return config
 
 

@@ -184,3 +184,36 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
     if bad:
         raise CheckpointError(f"{source} has NaN or infinite weights in {len(bad)} tensor(s) (first: "
                               f"{printable(bad[0], 60)}); the checkpoint is corrupt, export it again")
+
+
+def check_data_channels(data_dir: str | Path, in_chans: int, sample: int = 20) -> None:
+    """A 1-channel model given colour photos means the model or the data is the wrong one (often a
+    wrong ``in_chans``); images merely stored as RGB with equal channels (scanned digits) are fine.
+    A few images per class are looked at, not all."""
+    if in_chans != 1:
+        return
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from bdaudit.data import IMAGE_SUFFIXES
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        return  # the data loader names that problem
+    looked = 0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:2]:
+            try:
+                with Image.open(path) as img:
+                    if img.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+                        continue
+                    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+            except (UnidentifiedImageError, OSError, ValueError):
+                continue  # the data loader lists unreadable files
+            if float((rgb.max(axis=2) - rgb.min(axis=2)).mean()) > 8:
+                raise CheckpointError(
+                    f"{path} is a colour image but the model takes 1 input channel (grayscale); give "
+                    "grayscale images, or check the model (--in-chans, or its first convolution)")
+            looked += 1
+            if looked >= sample:
+                return

@@ -60,9 +60,9 @@ class PickleFindings:
                     "which can run code on this machine; do not load it anywhere, ask the author for a "
                     ".safetensors file")
         if self.custom:
-            return (f"it holds custom classes ({summarize(self.custom, 3)}): this file is a "
-                    "whole pickled model; load it in your own trusted code and export model.state_dict() "
-                    "with torch.save or safetensors")
+            return (f"it holds custom classes ({summarize(self.custom, 3)}): this file is a whole pickled "
+                    "model (or carries trainer objects); load it in your own trusted code and export "
+                    "model.state_dict() with torch.save or safetensors")
         if self.unreadable:
             return f"its pickle could not be read ({self.unreadable})"
         return "it needs objects outside torch's safe list"

@@ -21,8 +21,8 @@ from bdaudit.picklescan import printable
 REGISTRY_PREFIXES = ("timm:", "torchvision:")
 # Keyword arguments that make a builder read files, download weights or take code; never taken
 # from a model file (a timm ``checkpoint_path`` would even torch.load another file).
-_UNSAFE_KWARG = re.compile(r"path|file|dir|url|pretrained|weights|cache|hub|progress|checkpoint|layer|fn|"
-                           r"block|module|cls|class_|factory|builder", re.IGNORECASE)
+_UNSAFE_KWARG = re.compile(r"path|file|dir$|dir_|url|pretrained|weights|cache|hub|progress|checkpoint|"
+                           r"_layer$|_fn$|_cls$|^block|module|factory|builder|callable", re.IGNORECASE)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -135,9 +135,9 @@ def build_architecture(arch: str, num_classes: int, in_chans: int, arch_kwargs: 
     if is_import_path(arch):
         if not user_supplied:
             raise CheckpointError(
-                f"the model file names architecture '{printable(arch)}', an import path; bdaudit never "
-                "imports code named by a model file; if you trust that code pass --arch "
-                f"{printable(arch)} (or set arch in your --model-config)")
+                f"the model (its metadata, config.json or a YAML found beside it) names architecture "
+                f"'{printable(arch)}', an import path; bdaudit never imports code named by a model file; "
+                f"if you trust that code pass --arch {printable(arch)} (or --model-config FILE)")
         factory = _import_factory(arch)
         kwargs = accepted_kwargs(factory, {**base, **arch_kwargs})
         missing = _missing_required(factory, kwargs)
