@@ -10,7 +10,7 @@ import functools
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,7 +25,9 @@ except ImportError:  # pragma: no cover
 from bdaudit.cli.entry import EXIT_INTERRUPTED, interrupted_exit_code, main  # noqa: F401  (main: entry point)
 from bdaudit.errors import BdauditError
 from bdaudit.outputs import check_outputs, output_transaction
-from bdaudit.report import Report
+
+if TYPE_CHECKING:
+    from bdaudit.report import Report
 
 EXIT_PASS, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_TERMINATED = 143

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bdaudit.batch import BatchReport, ModelOutcome, is_batch
 from bdaudit.errors import BdauditError
 from bdaudit.executors import EXECUTOR_NAMES, create_executor
 from bdaudit.outputs import keep_outputs
+
+if TYPE_CHECKING:
+    from bdaudit.batch import BatchReport, ModelOutcome
 
 RUNTIME = "Runtime"
 ModelPaths = Annotated[list[Path], typer.Argument(
@@ -35,6 +37,8 @@ ReportDir = Annotated[Path | None, typer.Option(
 
 def wants_batch(models: list[Path], executor: str, report_dir: Path | None) -> bool:
     """The batch output for several models, a folder, a manifest, --report-dir or a non-local executor."""
+    from bdaudit.batch import is_batch
+
     return is_batch(models) or report_dir is not None or executor != "local"
 
 

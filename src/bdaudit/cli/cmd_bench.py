@@ -8,15 +8,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from bdaudit.bench import (
-    BenchPlan,
-    Subject,
-    clean_sizes_from,
-    method_label,
-    plant_subjects,
-    run_bench,
-    subjects_from_manifest,
-)
 from bdaudit.cli.app import (
     Debug,
     Device,
@@ -30,11 +21,7 @@ from bdaudit.cli.app import (
     write_rendered,
 )
 from bdaudit.cli.batch import ExecutorName, RayAddress
-from bdaudit.defenses import DEFENSES
 from bdaudit.errors import BdauditError
-from bdaudit.executors import create_executor
-from bdaudit.plant import TrainSettings
-from bdaudit.render import bench_tables
 
 PLANT = "Planting (without --models)"
 BENCH_OUTPUTS = ("cells.jsonl", "bench.json", "bench.csv", "scatter.png")
@@ -102,6 +89,21 @@ def bench(
     fails is reported (and retried by the next run) while the others go on, then exit 2 (bad input)
     or 3 (anything else).
     """
+    # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
+    from bdaudit.bench import (
+        BenchPlan,
+        Subject,
+        clean_sizes_from,
+        method_label,
+        plant_subjects,
+        run_bench,
+        subjects_from_manifest,
+    )
+    from bdaudit.defenses import DEFENSES
+    from bdaudit.executors import create_executor
+    from bdaudit.plant import TrainSettings
+    from bdaudit.render import bench_tables
+
     guard_outputs([*(("--out-dir", out_dir / name) for name in BENCH_OUTPUTS), ("--html", html)],
                   [clean_data, eval_data, models, data])
     console = Console(highlight=False)

@@ -10,9 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from bdaudit.cli.app import Debug, app, guarded
-from bdaudit.defenses.base import describe_defenses
-from bdaudit.report import report_schema
-from bdaudit.triggers import describe_triggers
 
 
 def show_listing(rows: list[dict[str, Any]], as_json: bool, title: str, params_key: str,
@@ -35,6 +32,8 @@ def show_listing(rows: list[dict[str, Any]], as_json: bool, title: str, params_k
 def triggers(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
              debug: Debug = False) -> None:
     """List the trigger library: families, their parameters and papers."""
+    from bdaudit.triggers import describe_triggers
+
     show_listing(describe_triggers(), as_json, "Trigger library (use as --trigger NAME:key=value,...)", "params",
                  ("parameters (default)", "summary", "paper"))
 
@@ -44,6 +43,8 @@ def triggers(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
 def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
             debug: Debug = False) -> None:
     """List the defenses `clean --method` and `bench` accept: papers, needs and settings."""
+    from bdaudit.defenses.base import describe_defenses
+
     show_listing(describe_defenses(), as_json, "Defenses (use as --method NAME; settings as --set key=value)",
                  "settings", ("settings (default)", "needs", "paper"))
 
@@ -52,4 +53,6 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 @guarded
 def schema(debug: Debug = False) -> None:
     """Print the JSON Schema every report validates against."""
+    from bdaudit.report import report_schema
+
     typer.echo(json.dumps(report_schema(), indent=2))

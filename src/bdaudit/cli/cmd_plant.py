@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,9 +13,9 @@ from rich.table import Table
 
 from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed, app, guard_outputs, guarded
 from bdaudit.errors import BdauditError
-from bdaudit.paradigms import TRANSFER_SETTINGS, plant_encoder, plant_transfer
-from bdaudit.plant import CLEAN, PlantResult, TrainSettings
-from bdaudit.plant import plant as plant_standalone
+
+if TYPE_CHECKING:
+    from bdaudit.plant import PlantResult, TrainSettings
 
 PARADIGMS = ("standalone", "transfer", "encoder")
 
@@ -76,6 +76,11 @@ def plant(
     if paradigm not in PARADIGMS:
         raise BdauditError(f"--paradigm must be one of {', '.join(PARADIGMS)}, not '{paradigm}'")
     guard_outputs([("--out", out)], [data, eval_data, upstream, downstream_data])
+    # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
+    from bdaudit.paradigms import TRANSFER_SETTINGS, plant_encoder
+    from bdaudit.plant import CLEAN, TrainSettings
+    from bdaudit.plant import plant as plant_standalone
+
     console = Console(highlight=False, markup=False)
     defaults = TRANSFER_SETTINGS if paradigm == "transfer" else TrainSettings()
     # `is None`, not `or`: an explicit 0 must be refused by TrainSettings, not replaced by the default.
@@ -110,6 +115,10 @@ def _plant_transfer(data: Path, out: Path, upstream: Path | None, downstream: Pa
                     settings: TrainSettings, progress: Callable[[int, float], None],
                     common: dict[str, Any]) -> PlantResult:
     """Plant an upstream on --data (unless --upstream is given), then fine-tune it as the victim."""
+    from bdaudit.paradigms import plant_transfer
+    from bdaudit.plant import TrainSettings
+    from bdaudit.plant import plant as plant_standalone
+
     if downstream is None:
         raise BdauditError("--paradigm transfer needs --downstream-data DIR (the victim's clean data)")
     if out.exists() and not common["force"]:

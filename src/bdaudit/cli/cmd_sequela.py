@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bdaudit import api
 from bdaudit.cli.app import (
     Arch,
     ClassNames,
@@ -38,7 +37,9 @@ from bdaudit.cli.app import (
     model_inputs,
     trigger_inputs,
 )
-from bdaudit.sequela.audit import SequelaGates
+
+if TYPE_CHECKING:
+    from bdaudit import api
 
 SEQ = "Sequela"
 Original = Annotated[Path | None, typer.Option(help="The model before cleaning.", rich_help_panel=SEQ)]
@@ -56,6 +57,9 @@ ReinjectionSteps = Annotated[int | None, typer.Option(help="Retuning attack budg
 
 def sequela_options(members: Path | None, reference: Path | None, max_mia_auc: float | None,
                     max_reinjection_asr: float | None, reinjection_steps: int | None) -> api.SequelaOptions:
+    from bdaudit import api
+    from bdaudit.sequela.audit import SequelaGates
+
     budget = {"budget_steps": reinjection_steps} if reinjection_steps else None
     return api.SequelaOptions(members, reference, SequelaGates(max_mia_auc, max_reinjection_asr), budget)
 
@@ -97,6 +101,8 @@ def sequela(
                   [*model_inputs(model, model_config), *model_inputs(original, None), *model_inputs(reference, None),
                    data, eval_data, members, *trigger_inputs(trigger)])
     console, show = consoles(json_out, quiet)
+    from bdaudit import api
+
     report = api.sequela(model, api.DataOptions(data, eval_data, holdout), original=original,
                          options=sequela_options(members, reference, max_mia_auc, max_reinjection_asr,
                                                  reinjection_steps),
