@@ -12,8 +12,6 @@ from typing import Any
 from bdaudit.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
 from bdaudit.checkpoint import LoadedModel, load_model
 from bdaudit.clean import (
-    DEFAULT_METHOD,
-    DEFAULT_UNLEARN_FRACTION,
     CleanGates,
     clean_reasons,
     clean_section,
@@ -21,6 +19,7 @@ from bdaudit.clean import (
     save_cleaned,
 )
 from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_data, resolve_preprocessing
+from bdaudit.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
 from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction

@@ -24,14 +24,6 @@ from bdaudit.scan import Gates, ScanResult, evaluate_triggers
 from bdaudit.triggers import Trigger
 
 MIN_IMAGES_PER_CLASS = 5  # below this the tuning set cannot represent a class
-# Chosen on `make bench` (benchmarks/README.md, "Defenses compared"): with 5 % clean data FT-SAM is
-# the method with the lowest worst-case ASR among those within clean's 2-point accuracy gate on
-# every model. SFT removes more (mean residual ASR 19 % vs 30 %) but costs 2.5 points on average.
-DEFAULT_METHOD = "ftsam"
-# Share of each tuning batch that carries a flagged trigger (defenses.unlearning). Chosen on `make
-# bench`: with FT-SAM it takes every sample to <= 0.2 % ASR within 2 points at 400 clean images and
-# resists retuning; 0.15 keeps no more accuracy and lets a retuned Blended backdoor back to 15 %.
-DEFAULT_UNLEARN_FRACTION = 0.3
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bdaudit.config import ModelConfig
-from bdaudit.errors import DataError, summarize
+from bdaudit.errors import DataError, missing_data, summarize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -110,8 +110,7 @@ def _decode(path: Path, prep: Preprocessing) -> np.ndarray:
 
 def _class_folders(root: Path) -> list[Path]:
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; give a folder laid out as "
-                        "DIR/<class>/<image files>")
+        raise missing_data(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"data folder {root} has no class sub-folders; lay it out as "

@@ -19,6 +19,14 @@ class TriggerError(BdauditError):
     """A trigger specification is invalid."""
 
 
+def missing_model(path: object) -> CheckpointError:
+    return CheckpointError(f"model file {path} does not exist")
+
+
+def missing_data(path: object) -> DataError:
+    return DataError(f"data folder {path} does not exist; give a folder laid out as DIR/<class>/<image files>")
+
+
 def summarize(items: list[str], first: int = 5) -> str:
     """'a, b, c (+7 more)' — the first few offenders and a count."""
     shown = ", ".join(items[:first])

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bdaudit.errors import CheckpointError
+from bdaudit.errors import CheckpointError, missing_model
 from bdaudit.picklescan import printable
 
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -81,7 +81,7 @@ def resolve_source(spec: str | Path) -> ModelSource:
             f"{path} is a directory, not a model file or a model folder; give a weights file "
             f"(.safetensors, .pt, .pth, .bin, .ckpt) or a folder with config.json and {' or '.join(FOLDER_WEIGHTS)}")
     if not path.exists():
-        raise CheckpointError(f"model file {path} does not exist")
+        raise missing_model(path)
     if not path.is_file():
         raise CheckpointError(f"model path {path} is not a regular file; give a weights file or a model folder")
     return ModelSource(weights=path, origin=text)

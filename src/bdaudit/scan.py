@@ -10,16 +10,10 @@ import torch
 from torch import nn
 
 from bdaudit.data import ImageSet, to_float
+from bdaudit.defaults import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN
 from bdaudit.errors import BdauditError
 from bdaudit.runtime import eval_autocast
 from bdaudit.triggers import Trigger
-
-DEFAULT_FAIL_ASR = 0.3
-DEFAULT_NULL_MARGIN = 0.1
-# Above the strongest family response of the clean references measured (an under-trained tiny CNN
-# sends alpha-0.2 noise blends to one class at 83 %, the clean sample at 41 %) and below the
-# family-level backdoors' (blended, WaNet, low-frequency samples: 97-100 %); benchmarks/README.md.
-DEFAULT_FAMILY_ASR = 0.9
 
 
 @dataclass(frozen=True)

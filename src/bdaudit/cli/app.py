@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 from bdaudit.cli.entry import EXIT_INTERRUPTED, interrupted_exit_code, main  # noqa: F401  (main: entry point)
-from bdaudit.errors import BdauditError
+from bdaudit.errors import BdauditError, missing_data, missing_model
 from bdaudit.outputs import check_outputs, output_transaction
 
 if TYPE_CHECKING:
@@ -88,6 +88,16 @@ def guard_outputs(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iter
     """Before any work: refuse outputs that are inputs (or each other) or cannot be written.
     Every command passes ALL its output flags and ALL its input paths (see ``bdaudit.outputs``)."""
     check_outputs(outputs, inputs)
+
+
+def require_inputs(models: list[Path], folders: Iterable[Path | None]) -> None:
+    """Fail fast, before the heavy imports, on a missing model or data folder (the loaders say the
+    same later). With several models a missing one is reported in the summary instead."""
+    if len(models) == 1 and not str(models[0]).startswith("hf-hub:") and not Path(models[0]).exists():
+        raise missing_model(models[0])
+    for folder in folders:
+        if folder is not None and not Path(folder).is_dir():
+            raise missing_data(folder)
 
 
 def model_inputs(model: Path | None, model_config: Path | None) -> list[Path | None]:

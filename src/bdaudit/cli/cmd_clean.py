@@ -7,8 +7,6 @@ from typing import Annotated, Any
 
 import typer
 
-from bdaudit import api
-from bdaudit.clean import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION, CleanGates
 from bdaudit.cli.app import (
     Arch,
     ClassNames,
@@ -45,6 +43,7 @@ from bdaudit.cli.app import (
     model_flags,
     model_inputs,
     parse_settings,
+    require_inputs,
     trigger_inputs,
 )
 from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
@@ -56,9 +55,14 @@ from bdaudit.cli.cmd_sequela import (
     ReinjectionSteps,
     sequela_options,
 )
+from bdaudit.defaults import (
+    DEFAULT_FAIL_ASR,
+    DEFAULT_FAMILY_ASR,
+    DEFAULT_METHOD,
+    DEFAULT_NULL_MARGIN,
+    DEFAULT_UNLEARN_FRACTION,
+)
 from bdaudit.errors import BdauditError
-from bdaudit.render import epoch_progress, render_schedule
-from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN, Gates
 
 TUNE = "Tuning"
 OptFloat = Annotated[float | None, typer.Option(rich_help_panel=TUNE)]
@@ -155,6 +159,7 @@ def clean(
     """
     v = merge_config(ctx, config, dict(locals()))
     v.pop("ctx")
+    require_inputs(v["model"], [v["data"], v["eval_data"], v["members"]])
     batch = wants_batch(v["model"], v["executor"], v["report_dir"])
     # With several models --out is a folder: each cleaned file is checked against its inputs by api.clean.
     guard_outputs([("--out", None if batch else v["out"]), ("--json", v["json_out"]), ("--sarif", v["sarif"]),
@@ -168,6 +173,12 @@ def clean(
     settings: dict[str, Any] = {**parse_settings(v["set_"]),
                                 **{k: v[k] for k in SETTING_FLAGS if v[k] is not None}}
     console, show = consoles(v["json_out"], v["quiet"])
+    # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
+    from bdaudit import api
+    from bdaudit.clean import CleanGates
+    from bdaudit.render import epoch_progress, render_schedule
+    from bdaudit.scan import Gates
+
     common: dict[str, Any] = dict(
         method=v["method"], settings=settings, scope=v["scope"],
         runtime=api.Runtime(v["device"], 256, v["seed"]),

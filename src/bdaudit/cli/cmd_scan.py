@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from bdaudit import api
 from bdaudit.cli.app import (
     Arch,
     BatchSize,
@@ -42,12 +41,12 @@ from bdaudit.cli.app import (
     merge_config,
     model_flags,
     model_inputs,
+    require_inputs,
     trigger_inputs,
 )
 from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
+from bdaudit.defaults import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN
 from bdaudit.errors import BdauditError
-from bdaudit.render import progress_bars
-from bdaudit.scan import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN, Gates
 
 
 @app.command()
@@ -94,6 +93,7 @@ def scan(
     models (files, folders, a manifest): one report each, a summary, the worst model's exit code.
     """
     v = merge_config(ctx, config, dict(locals()))
+    require_inputs(v["model"], [v["data"], v["eval_data"]])
     batch = wants_batch(v["model"], v["executor"], v["report_dir"])
     guard_outputs([("--json", v["json_out"]), ("--sarif", v["sarif"]), ("--html", v["html"])],
                   [*(p for m in v["model"] for p in model_inputs(m, v["model_config"])), v["data"], v["eval_data"],
@@ -102,6 +102,11 @@ def scan(
         raise BdauditError("--sarif/--html render one model's report: with several models use --report-dir "
                            "and `bdaudit report DIR/NAME.json --html OUT.html`")
     console, show = consoles(v["json_out"], v["quiet"])
+    # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
+    from bdaudit import api
+    from bdaudit.render import progress_bars
+    from bdaudit.scan import Gates
+
     options = dict(
         triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],
         gates=Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None),
