@@ -14,6 +14,7 @@ from bdaudit.cli.app import (
     ClassNames,
     DataDir,
     Debug,
+    Detect,
     Device,
     EvalDir,
     FailAsr,
@@ -98,6 +99,7 @@ def clean(
                          "outlier classes' triggers are probed and unlearned (for backdoors outside the "
                          "library; ~40 s per 10 classes on a small CPU model).", rich_help_panel=TUNE)
     ] = False,
+    detect: Detect = "auto",
     set_: MethodSettings = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of flag values.")] = None,
     no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
@@ -166,7 +168,7 @@ def clean(
         triggers_file=v["triggers_file"], target=v["target"],
         gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
         force=v["force"], on_epoch=progress, unlearn_fraction=v["unlearn_fraction"],
-        invert=v["invert"],
+        invert=v["invert"], detect=v["detect"],
         sequela=None if v["no_sequela"] else sequela_options(
             v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]),
         **common)

@@ -13,6 +13,7 @@ from bdaudit.cli.app import (
     ClassNames,
     DataDir,
     Debug,
+    Detect,
     Device,
     EvalDir,
     FailAsr,
@@ -58,6 +59,7 @@ def scan(
     invert: Annotated[bool, typer.Option("--invert", help="Also reverse-engineer a trigger per class "
                                          "(Neural Cleanse) to find unknown triggers; fails when a class "
                                          "is an outlier. Slower (~20 s for 10 classes of a small CNN).")] = False,
+    detect: Detect = "auto",
     arch: Arch = None,
     num_classes: NumClasses = None,
     in_chans: InChans = None,
@@ -75,14 +77,15 @@ def scan(
 ) -> None:
     """Probe MODEL with known backdoor triggers on held-out clean images; report ASR per trigger.
 
-    Exit 0 when no trigger reaches --fail-asr, 1 when one does, 2 on bad input.
+    Also reverses unknown triggers (patch and whole-image; --detect). Exit 0 when no trigger reaches
+    --fail-asr and no class is an outlier, 1 when one does, 2 on bad input.
     """
     console, show = consoles(json_out, quiet)
     with progress_bars(console, show and console.is_terminal) as progress:
         report = api.scan(
             model, api.DataOptions(data, eval_data, holdout), triggers=trigger or (),
             triggers_file=triggers_file, target=target, gates=Gates(fail_asr, null_margin, family_asr or None),
-            runtime=api.Runtime(device, batch_size, seed), invert=invert,
+            runtime=api.Runtime(device, batch_size, seed), invert=invert, detect=detect,
             model_flags=model_flags(arch, num_classes, in_chans, input_size, mean, std,
                                     class_names),
             model_config=model_config, progress=progress)
