@@ -157,7 +157,12 @@ def detection_tables(section: dict[str, Any], title: str = "Unknown-trigger dete
                 cells.append(f"{r['size']:.1f} (index {index})")
         flagged = any(r and r["flagged"] for r in rows)
         table.add_row(name, *cells, "[bold red]OUTLIER" if flagged else "[green]ok")
-    return [table]
+    suspects = sorted({c for f in families for c in f.get("suspects", [])})
+    lines: list[Any] = [table]
+    if suspects:
+        lines.append(f"Suspects (brightening sends most images to class(es) {suspects}; not gated, "
+                     "clean unlearns them): a colour-filter trigger or a model that is not robust to brightness")
+    return lines
 
 
 SECTION_RENDERERS: dict[str, Callable[[dict[str, Any]], list[Any]]] = {
