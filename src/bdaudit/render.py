@@ -160,8 +160,10 @@ def detection_tables(section: dict[str, Any], title: str = "Unknown-trigger dete
     suspects = sorted({c for f in families for c in f.get("suspects", [])})
     lines: list[Any] = [table]
     if suspects:
-        lines.append(f"Suspects (brightening sends most images to class(es) {suspects}; not gated, "
-                     "clean unlearns them): a colour-filter trigger or a model that is not robust to brightness")
+        action = "" if "before_flagged" in section else \
+            ", clean unlearns them"
+        lines.append(f"Suspects (brightening sends most images to class(es) {suspects}; not gated{action}): "
+                     "a colour-filter trigger or a model that is not robust to brightness")
     return lines
 
 
