@@ -36,6 +36,7 @@ def test_clean_model_passes(clean_model: PlantResult, eval_dir: Path, tmp_path: 
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     assert report["verdict"] == {"status": "pass", "reasons": []}
+    assert report["detection"]["ran"] and report["detection"]["flagged"] == []  # on by default, no false alarm
     for trig in report["scan"]["triggers"]:
         assert trig["asr"] - trig["null_asr"] <= 0.1, trig
 
@@ -86,7 +87,8 @@ def test_fixed_target_and_gate_threshold(badnets_model: PlantResult, eval_dir: P
 
 def test_same_seed_same_numbers(badnets_model: PlantResult, eval_dir: Path) -> None:
     def numbers() -> list:
-        report = api.scan(badnets_model.path, api.DataOptions(eval_dir), runtime=api.Runtime("cpu", 64, 7))
+        report = api.scan(badnets_model.path, api.DataOptions(eval_dir), runtime=api.Runtime("cpu", 64, 7),
+                          detect="off")
         return [(t["asr"], t["null_asr"]) for t in report.sections["scan"]["triggers"]]
 
     assert numbers() == numbers()

@@ -23,6 +23,7 @@ from bdaudit.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
 from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
+from bdaudit.detect import detect_reasons, detect_unknown, detector_enabled
 from bdaudit.errors import BdauditError, TriggerError
 from bdaudit.executors import Executor, LocalExecutor
 from bdaudit.intake import check_data_channels
@@ -98,9 +99,10 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
          triggers_file: str | Path | None = None, target: int | None = None,
          gates: Gates | None = None, runtime: Runtime | None = None,
          model_flags: dict[str, Any] | None = None, model_config: str | Path | None = None,
-         progress: Progress | None = None, invert: bool = False) -> Report:
-    """Probe a checkpoint with known triggers on held-out clean images; with ``invert``, also
-    reverse-engineer a trigger per class (Neural Cleanse) to look for *unknown* triggers."""
+         progress: Progress | None = None, invert: bool = False, detect: str = "auto") -> Report:
+    """Probe a checkpoint with known triggers on held-out clean images and (``detect``, on by
+    default) look for *unknown* triggers with ``bdaudit.detect``; with ``invert``, also run Neural
+    Cleanse over every class."""
     started = time.perf_counter()
     runtime = runtime or Runtime()
     gates = gates or Gates()
@@ -108,11 +110,17 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
     seed_everything(runtime.seed)
     loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
     chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
+    detection = _detect(loaded.classifier(), split, device, runtime.seed, detect, bool(triggers or triggers_file))
+    if detection is not None:
+        chosen += detection.flagged_triggers()  # their held-out ASR (with its interval) is reported
     advance = progress("scanning", len(split.heldout)) if progress else None
     result = evaluate_triggers(loaded.classifier(), split.heldout, chosen, device=device,
                                batch_size=runtime.batch_size, target=target, gates=gates,
                                advance=advance)
     sections, reasons = {"scan": scan_section(result)}, scan_reasons(result, gates)
+    sections["detection"] = _detection_section(detection, detect)
+    if detection is not None:
+        reasons += detect_reasons(sections["detection"])
     if invert:
         inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
         sections["inversion"] = inversion.to_dict()
@@ -132,12 +140,15 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
           model_config: str | Path | None = None, force: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
           sequela: SequelaOptions | None = None,
-          unlearn_fraction: float = DEFAULT_UNLEARN_FRACTION, invert: bool = False) -> Report:
+          unlearn_fraction: float = DEFAULT_UNLEARN_FRACTION, invert: bool = False,
+          detect: str = "auto") -> Report:
     """Remove a backdoor from a copy of the model; ``out`` (if given) receives the cleaned
     checkpoint, written atomically and never over the input. ``unlearn_fraction`` of each tuning
     batch carries a trigger the first scan flagged, with its true label (0: off). With ``invert``,
     Neural Cleanse first reverses a trigger per class and the outliers join the probed (and so the
-    unlearned) triggers: for backdoors outside the library."""
+    unlearned) triggers: for backdoors outside the library. ``detect`` (on by default) does the same
+    with ``bdaudit.detect`` before cleaning, and again from scratch (a fresh seed) on the cleaned
+    model: the after-clean verdict does not rest only on the triggers that were unlearned."""
     started = time.perf_counter()
     runtime = runtime or Runtime()
     gates = gates or CleanGates()
@@ -153,6 +164,10 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     gen = seed_everything(runtime.seed)
     loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
     chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
+    explicit = bool(triggers or triggers_file)
+    detection = _detect(loaded.classifier(), split, device, runtime.seed, detect, explicit)
+    if detection is not None:
+        chosen += detection.unlearn_triggers()
     inversion = None
     if invert:
         inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
@@ -164,6 +179,22 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     if inversion is not None:
         sections["inversion"] = inversion.to_dict()
     reasons = clean_reasons(outcome, gates)
+    sections["detection"] = _detection_section(detection, detect)
+    found = bool(outcome.before.flagged) or bool(detection is not None and detection.flagged)
+    sections["clean"]["finding"] = "backdoor detected" if found else "no backdoor detected; tuned anyway"
+    if detection is not None:
+        # Independent check: a fresh seed and a fresh inversion on the cleaned model, so the verdict
+        # does not rest on re-measuring the very triggers that were unlearned.
+        verify = _detect(outcome.classifier, split, device, runtime.seed + 1, "on", False)
+        still = [c for c in verify.flagged if c in detection.flagged]
+        sections["verification"] = {**_detection_section(verify, "on"), "before_flagged": detection.flagged,
+                                    "still_flagged": still,
+                                    "new_flagged": [c for c in verify.flagged if c not in detection.flagged]}
+        # A class reversed, unlearned and reversed again is a finding. A class flagged only after
+        # tuning is reported, not gated: tuning on a few hundred images shifts every class's margin,
+        # and on the blind benchmark such new flags were naturally easy classes (benchmarks/README.md).
+        reasons += [line for line in detect_reasons(sections["verification"], " after cleaning (fresh seed)")
+                    if any(f"class {split.tune.class_names[c]!r}" in line for c in still)]
     all_gates: dict[str, float | None] = gates.to_dict()
     if sequela is not None:
         models = {"model": outcome.classifier, "original": loaded.classifier(),
@@ -182,6 +213,21 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
         environment=environment_info(device, runtime.seed), gates=all_gates, sections=sections,
         reasons=reasons, wall_time_s=time.perf_counter() - started,
         artifacts={"inversion": inversion} if inversion is not None else {})
+
+
+def _detect(classifier: Any, split: DataSplit, device: Any, seed: int, mode: str,
+            explicit: bool) -> Any:
+    if not detector_enabled(mode, explicit):
+        return None
+    return detect_unknown(classifier, split.tune, device=device, seed=seed)
+
+
+def _detection_section(detection: Any, mode: str) -> dict[str, Any]:
+    if detection is not None:
+        return {"ran": True, "mode": mode, **detection.to_dict()}
+    why = ("--detect off" if mode == "off" else
+           "--trigger/--triggers asked for specific triggers (add --detect on to also look for unknown ones)")
+    return {"ran": False, "mode": mode, "skipped_because": why}
 
 
 def plan_schedule(model_path: str | Path, data: DataOptions, *, method: str = "sft",

@@ -20,20 +20,25 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+def _ci(interval: list[float] | None, n: int | None) -> str:
+    return "—" if not interval else f"{interval[0]:.0%}–{interval[1]:.0%} (n={n})"
+
+
 def scan_table(scan: dict[str, Any], title: str = "Trigger probes") -> Table:
     table = Table(title=f"{title} — clean accuracy {_pct(scan['clean_accuracy'])} "
                         f"on {scan['n_images']} held-out images")
-    for column in ("trigger", "target", "ASR", "null ASR", "robust acc", "verdict"):
+    for column in ("trigger", "target", "ASR", "ASR 95% CI", "null ASR", "robust acc", "verdict"):
         table.add_column(column, justify="left" if column in ("trigger", "target") else "right")
     for row in scan["triggers"]:
         if row["error"]:
-            table.add_row(escape(row["spec"]), "—", "—", "—", "—", f"[yellow]skipped: {escape(row['error'])}")
+            table.add_row(escape(row["spec"]), "—", "—", "—", "—", "—", f"[yellow]skipped: {escape(row['error'])}")
             continue
         # Class names come from the model file: escaped, so they cannot inject (or break) markup.
         target = escape(f"{row['target_name']}") + (" (given)" if row["target_fixed"] else "")
         verdict = "[green]ok" if not row["flagged"] else \
             "[bold red]BACKDOOR (family)" if row.get("flag_reason") == "family" else "[bold red]BACKDOOR"
-        table.add_row(escape(row["spec"]), target, _pct(row["asr"]), _pct(row["null_asr"]),
+        table.add_row(escape(row["spec"]), target, _pct(row["asr"]), _ci(row.get("asr_ci95"), row.get("n_probe")),
+                      _pct(row["null_asr"]),
                       _pct(row["robust_accuracy"]), verdict)
     return table
 
@@ -51,6 +56,8 @@ def clean_tables(clean: dict[str, Any]) -> list[Any]:
         style = "[bold red]" if a["flagged"] else "[green]"
         table.add_row(escape(f"ASR {b['spec']}"), escape(str(b["target_name"])), _pct(b["asr"]), style + _pct(a["asr"]))
     renderables: list[Any] = [table]
+    if clean.get("finding"):
+        renderables.append(f"Finding before cleaning: {clean['finding']}")
     schedule = clean["hyperparameters"].get("schedule")
     if schedule:
         renderables.append(schedule_line(schedule, clean["hyperparameters"].get("peak_selection", {})))
@@ -129,9 +136,47 @@ def inversion_table(section: dict[str, Any]) -> list[Any]:
     return [table]
 
 
+def detection_tables(section: dict[str, Any], title: str = "Unknown-trigger detector") -> list[Any]:
+    if not section.get("ran", True):
+        return [f"{title}: not run ({section.get('skipped_because', 'off')})"]
+    scope = ("all classes" if section["all_classes_inverted"] else
+             f"{len(section['candidates'])} of {section['num_classes']} classes chosen by a pre-screen")
+    table = Table(title=f"{title} (seed {section['seed']}; {scope}; {section['n_images']} clean images) "
+                        f"— {section['seconds']:.0f}s")
+    families = section["families"]
+    by_class = [{row["class"]: row for row in f["classes"]} for f in families]
+    for column in ("class", *(f["family"] for f in families), "verdict"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for cls in section["candidates"]:
+        rows = [b.get(cls) for b in by_class]
+        name = next(r["name"] for r in rows if r)
+        cells = []
+        for f, r in zip(families, rows, strict=True):
+            if r is None:
+                cells.append("—")
+            elif f["family"] == "transform":
+                suspect = " (suspect)" if cls in f.get("suspects", []) else ""
+                cells.append(f"{r['attack_success']:.0%} sent{suspect}")
+            else:
+                index = "—" if r["anomaly_index"] is None else f"{r['anomaly_index']:.1f}"
+                cells.append(f"{r['size']:.1f} (index {index})")
+        flagged = any(r and r["flagged"] for r in rows)
+        table.add_row(name, *cells, "[bold red]OUTLIER" if flagged else "[green]ok")
+    suspects = sorted({c for f in families for c in f.get("suspects", [])})
+    lines: list[Any] = [table]
+    if suspects:
+        action = "" if "before_flagged" in section else \
+            ", clean unlearns them"
+        lines.append(f"Suspects (brightening sends most images to class(es) {suspects}; not gated{action}): "
+                     "a colour-filter trigger or a model that is not robust to brightness")
+    return lines
+
+
 SECTION_RENDERERS: dict[str, Callable[[dict[str, Any]], list[Any]]] = {
     "scan": lambda section: [scan_table(section)],
     "inversion": inversion_table,
+    "detection": detection_tables,
+    "verification": lambda section: detection_tables(section, "Independent re-detection on the cleaned model"),
     "clean": clean_tables,
     "sequela": sequela_tables,
 }

@@ -15,7 +15,8 @@ from bdaudit import __version__
 from bdaudit.checkpoint import LoadedModel
 from bdaudit.scan import Gates, ScanResult
 
-SCHEMA_VERSION = "1.3.0"  # 1.1: trigger flag_reason, family_asr gate; 1.2: clean unlearning; 1.3: MIA roc
+# 1.1: trigger flag_reason, family_asr gate; 1.2: clean unlearning; 1.3: detection, verification, ASR CIs, MIA roc
+SCHEMA_VERSION = "1.3.0"
 
 
 @cache

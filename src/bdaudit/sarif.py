@@ -38,7 +38,7 @@ def _scan_section(payload: dict[str, Any]) -> dict[str, Any] | None:
 def _confidence(row: dict[str, Any]) -> dict[str, Any]:
     """Confidence-interval fields if the scan recorded any (newer schema versions add them)."""
     return {key: value for key, value in row.items()
-            if key.endswith("_ci") or key in ("ci", "confidence_interval", "asr_interval")}
+            if key.endswith(("_ci", "_ci95")) or key in ("ci", "confidence_interval", "asr_interval", "n_probe")}
 
 
 def _trigger_level(row: dict[str, Any], gates: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,6 +15,17 @@ from bdaudit.defaults import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_
 from bdaudit.errors import BdauditError
 from bdaudit.runtime import eval_autocast
 from bdaudit.triggers import Trigger
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval for a binomial proportion (sound at 0 and n, unlike Wald's)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ class TriggerResult:
     flagged: bool = False
     error: str | None = None
     flag_reason: str | None = None  # "trigger" or "family" (see Gates)
+    n_probe: int | None = None  # held-out images not of the target: the ASR's denominator
+    asr_ci95: list[float] | None = None  # Wilson 95 % interval of the ASR over those n_probe images
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,11 +169,13 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
         t = int(asr_all.argmax()) if target is None else target
         asr = float(asr_all[t])
         null = float(attack_success_rates(preds[slot + 1], labels, data.num_classes)[t]) if with_null else None
+        n_probe = int((labels != t).sum())
         results.append(TriggerResult(
             trigger=trig.name, spec=trig.spec(), paper=trig.paper, target=t,
             target_name=data.class_names[t], target_fixed=target is not None, asr=asr,
             null_asr=null, robust_accuracy=float((preds[slot] == labels).float().mean()),
             asr_per_class=[round(float(v), 6) for v in asr_all],
             flagged=null is not None and gates.flags(asr, null),
-            flag_reason=gates.flag_reason(asr, null) if null is not None else None))
+            flag_reason=gates.flag_reason(asr, null) if null is not None else None,
+            n_probe=n_probe, asr_ci95=[round(v, 4) for v in wilson_interval(round(asr * n_probe), n_probe)]))
     return ScanResult(clean_accuracy=clean_acc, n_images=len(data), triggers=results)

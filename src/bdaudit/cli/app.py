@@ -214,6 +214,10 @@ FamilyAsr = Annotated[float | None, typer.Option(help="Gate: fail when a trigger
 TriggerSpecs = Annotated[list[str] | None, typer.Option("--trigger", "-t", help="NAME[:key=value,...]"
                                                         " (repeatable; default: the whole library).")]
 TriggersFile = Annotated[Path | None, typer.Option("--triggers", help="YAML list of triggers.")]
+Detect = Annotated[str, typer.Option(
+    "--detect", help="Unknown-trigger detector (patch and whole-image trigger inversion, ~10 s for a small "
+                     "10-class CPU model): auto (default: on, unless --trigger/--triggers ask for specific "
+                     "triggers), on, or off.")]
 Target = Annotated[int | None, typer.Option(help="Fix the target class index instead of searching.")]
 
 

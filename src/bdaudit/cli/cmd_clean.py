@@ -13,6 +13,7 @@ from bdaudit.cli.app import (
     ConfigFile,
     DataDir,
     Debug,
+    Detect,
     Device,
     EvalDir,
     FailAsr,
@@ -109,6 +110,7 @@ def clean(
                          "outlier classes' triggers are probed and unlearned (for backdoors outside the "
                          "library; ~40 s per 10 classes on a small CPU model).", rich_help_panel=TUNE)
     ] = False,
+    detect: Detect = "auto",
     set_: MethodSettings = None,
     config: ConfigFile = None,
     no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
@@ -195,7 +197,7 @@ def clean(
     common.update(
         triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],
         gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
-        force=v["force"], unlearn_fraction=v["unlearn_fraction"], invert=v["invert"],
+        force=v["force"], unlearn_fraction=v["unlearn_fraction"], invert=v["invert"], detect=v["detect"],
         sequela=None if v["no_sequela"] else sequela_options(
             v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]))
     if batch:

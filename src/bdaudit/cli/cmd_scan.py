@@ -13,6 +13,7 @@ from bdaudit.cli.app import (
     ConfigFile,
     DataDir,
     Debug,
+    Detect,
     Device,
     EvalDir,
     FailAsr,
@@ -66,6 +67,7 @@ def scan(
     invert: Annotated[bool, typer.Option("--invert", help="Also reverse-engineer a trigger per class "
                                          "(Neural Cleanse) to find unknown triggers; fails when a class "
                                          "is an outlier. Slower (~20 s for 10 classes of a small CNN).")] = False,
+    detect: Detect = "auto",
     arch: Arch = None,
     num_classes: NumClasses = None,
     in_chans: InChans = None,
@@ -89,8 +91,9 @@ def scan(
 ) -> None:
     """Probe MODEL with known backdoor triggers on held-out clean images; report ASR per trigger.
 
-    Exit 0 when no trigger reaches --fail-asr, 1 when one does, 2 on bad input. With several
-    models (files, folders, a manifest): one report each, a summary, the worst model's exit code.
+    Also reverses unknown triggers (patch and whole-image; --detect). Exit 0 when no trigger reaches
+    --fail-asr and no class is an outlier, 1 when one does, 2 on bad input. With several models
+    (files, folders, a manifest): one report each, a summary, the worst model's exit code.
     """
     v = merge_config(ctx, config, dict(locals()))
     require_inputs(v["model"], [v["data"], v["eval_data"]])
@@ -110,7 +113,7 @@ def scan(
     options = dict(
         triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],
         gates=Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None),
-        runtime=api.Runtime(v["device"], v["batch_size"], v["seed"]), invert=v["invert"],
+        runtime=api.Runtime(v["device"], v["batch_size"], v["seed"]), invert=v["invert"], detect=v["detect"],
         model_flags=model_flags(v["arch"], v["num_classes"], v["in_chans"], v["input_size"], v["mean"],
                                 v["std"], v["class_names"]),
         model_config=v["model_config"])
