@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from helpers import invoke, read_report
 
 from bdaudit import api
-from bdaudit.checkpoint import build_model, save_model
+from bdaudit.checkpoint import build_model, load_model, save_model
 from bdaudit.data import load_image_folder, resolve_preprocessing
 from bdaudit.detect import DetectSettings, choose_candidates, detect_unknown, detector_enabled
 from bdaudit.errors import BdauditError
@@ -142,3 +143,17 @@ def test_wilson_interval_matches_the_textbook() -> None:
     assert low == 0 and math.isclose(high, 0.2775, abs_tol=1e-4)
     low, high = wilson_interval(81, 263)  # Newcombe 1998 example 81/263 -> (0.2553, 0.3662)
     assert math.isclose(low, 0.2553, abs_tol=1e-4) and math.isclose(high, 0.3662, abs_tol=1e-4)
+
+
+def test_an_ambiguous_screen_is_refined_and_a_clear_one_is_not(clean_model: PlantResult, eval_dir: Path) -> None:
+    # The 40-step screen is noisy; a top index above refine_above reruns both inversions at refine_steps
+    # (judged on those), and refinement can only add findings: it runs only when nothing was flagged.
+    loaded = load_model(clean_model.path)
+    images = load_image_folder(eval_dir, resolve_preprocessing(loaded.config), loaded.config.class_names)
+    quick = DetectSettings(steps=10, refine_steps=20, families=("patch", "perturbation"))
+    forced = detect_unknown(loaded.classifier(), images, seed=0, settings=dataclasses.replace(quick, refine_above=0.0))
+    assert forced.refined is not None and forced.refined["steps"] == 20 and forced.refined["screen_steps"] == 10
+    assert forced.to_dict()["refined"] == forced.refined
+    never = detect_unknown(loaded.classifier(), images, seed=0,
+                           settings=dataclasses.replace(quick, refine_above=float("inf")))
+    assert never.refined is None

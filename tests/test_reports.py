@@ -104,8 +104,12 @@ def test_sarif_validates_and_carries_each_finding(outputs: dict[str, Any], name:
 def test_sarif_from_the_flagged_scan_names_badnets(outputs: dict[str, Any]) -> None:
     log = json.loads((outputs["dir"] / "scan_flagged.sarif").read_text())
     errors = [r for r in log["runs"][0]["results"] if r["level"] == "error"]
-    assert [r["ruleId"] for r in errors] == ["bdaudit.trigger.badnets"]
-    assert errors[0]["properties"]["asr"] >= 0.9 and errors[0]["properties"]["target_class"] == 0
+    ids = [r["ruleId"] for r in errors]
+    assert "bdaudit.trigger.badnets" in ids
+    badnets = errors[ids.index("bdaudit.trigger.badnets")]
+    assert badnets["properties"]["asr"] >= 0.9 and badnets["properties"]["target_class"] == 0
+    # The unknown-trigger detector's reversed triggers (if any flagged) point at the same class.
+    assert all(r["properties"]["target_class"] == 0 for r in errors if "target_class" in r.get("properties", {}))
 
 
 def test_sarif_keeps_confidence_intervals_and_schema_catches_breakage(outputs: dict[str, Any]) -> None:

@@ -28,7 +28,8 @@ def scan_table(scan: dict[str, Any], title: str = "Trigger probes") -> Table:
     table = Table(title=f"{title} — clean accuracy {_pct(scan['clean_accuracy'])} "
                         f"on {scan['n_images']} held-out images")
     for column in ("trigger", "target", "ASR", "ASR 95% CI", "null ASR", "robust acc", "verdict"):
-        table.add_column(column, justify="left" if column in ("trigger", "target") else "right")
+        table.add_column(column, justify="left" if column in ("trigger", "target") else "right",
+                         overflow="fold" if column == "trigger" else "ellipsis")
     for row in scan["triggers"]:
         if row["error"]:
             table.add_row(escape(row["spec"]), "—", "—", "—", "—", "—", f"[yellow]skipped: {escape(row['error'])}")
