@@ -151,10 +151,15 @@ def plant(name: str, trigger: str | None, rate: float, arch: str, seed: int) -> 
 
 
 @torch.no_grad()
-def true_metrics(model_path: Path, trigger: str | None) -> dict:
+def user_flags(arch: str) -> dict | None:
+    """A user's own module:callable is passed on the command line (a model file never names code)."""
+    return {"arch": arch} if ":" in arch else None
+
+
+def true_metrics(model_path: Path, trigger: str | None, arch: str) -> dict:
     """Accuracy and the planted trigger's ASR on the 600 held-out images (planting code's own measure)."""
     _, _, ev = _loader()
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, user_flags(arch))
     clf = loaded.classifier().eval()
     x = ev.images.float() / 255
     acc = float((clf(x).argmax(1) == ev.labels).float().mean())
@@ -172,10 +177,10 @@ def run(entry: tuple) -> dict:
     t0 = time.perf_counter()
     path = plant(name, trigger, rate, arch, seed)
     plant_s = time.perf_counter() - t0
-    before = true_metrics(path, trigger)
+    before = true_metrics(path, trigger, arch)
     data = api.DataOptions(MNIST / "clean")
     t0 = time.perf_counter()
-    scan = api.scan(path, data)
+    scan = api.scan(path, data, model_flags=user_flags(arch))
     scan_s = time.perf_counter() - t0
     det = scan.sections["detection"]
     scores = {f["family"]: max((r["anomaly_index"] or 0) for r in f["classes"] if r["flagged"] or True)
@@ -183,9 +188,9 @@ def run(entry: tuple) -> dict:
     out = CACHE / f"{name}.cleaned.safetensors"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    cleaned = api.clean(path, data, out)
+    cleaned = api.clean(path, data, out, model_flags=user_flags(arch))
     clean_s = time.perf_counter() - t0
-    after = true_metrics(out, trigger)
+    after = true_metrics(out, trigger, arch)
     ver = cleaned.sections.get("verification", {})
     row = {"model": name, "trigger": trigger, "poison_rate": rate, "arch": arch, "seed": seed,
            "target": TARGET if trigger else None, "planted": before,
