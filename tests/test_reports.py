@@ -330,3 +330,11 @@ def test_epoch_line_is_short_and_names_the_worst_trigger() -> None:
            "asr": {"badnets": 0.02, "blended:alpha=0.2,pattern=noise_seed_long": 0.41, "wanet": None}}
     line = epoch_summary(row)
     assert len(line) <= 80 and "worst ASR 41.0% blended" in line and "97.3%" in line and "epoch 12" in line
+
+
+def test_html_shows_the_unknown_trigger_detector(outputs: dict[str, Any]) -> None:
+    page = (outputs["dir"] / "scan_flagged.html").read_text()
+    report = json.loads((outputs["dir"] / "scan_flagged.json").read_text())
+    assert report["detection"]["ran"] and "Unknown-trigger detector" in page
+    flagged = [row["name"] for fam in report["detection"]["families"] for row in fam["classes"] if row["flagged"]]
+    assert page.count("FLAGGED") == len(flagged) and flagged  # the BadNets sample's class 0 stands out

@@ -331,6 +331,29 @@ def inversion_html(section: dict[str, Any], live: Any | None) -> str:
     return "".join(parts)
 
 
+def detection_html(section: dict[str, Any], title: str) -> str:
+    """The unknown-trigger detector: per family, each class's reversed-trigger size and anomaly index."""
+    if not section.get("ran"):
+        return f"<h2>{_e(title)}</h2>" + _note(f"Not run: {section.get('skipped_because', 'off')}.")
+    refined = section.get("refined")
+    meta = (f"Seed {_e(section.get('seed'))}, {_e(section.get('n_images'))} clean images, "
+            f"{len(section.get('candidates', []))} of {_e(section.get('num_classes'))} classes inverted, "
+            f"{section.get('seconds', 0):.0f} s."
+            + (f" The {refined['screen_steps']}-step screen was ambiguous (top index {refined['screen_top_index']}) "
+               f"and was refined at {refined['steps']} steps." if refined else ""))
+    parts = [f"<h2>{_e(title)}</h2><p>{meta}</p>"]
+    for fam in section.get("families", []):
+        rows = [[_e(row["name"]), f"{row['size']:.3g}", _pct(row["attack_success"]),
+                 "—" if row["anomaly_index"] is None else f"{row['anomaly_index']:.2f}",
+                 '<span class="bad">FLAGGED</span>' if row["flagged"] else
+                 ('<span class="bad">suspect</span>' if row["class"] in fam.get("suspects", []) else
+                  '<span class="ok">ok</span>')]
+                for row in fam["classes"]]
+        parts.append(f"<h3>{_e(fam['family'])} <small>({_e(fam['size_unit'])})</small></h3>"
+                     + _table(["class", "size", "attack success", "anomaly index", "verdict"], rows))
+    return "".join(parts)
+
+
 def clean_html(payload: dict[str, Any], section: dict[str, Any]) -> str:
     before, after = section["before"], section["after"]
     rows = [["clean accuracy", "", _pct(before["clean_accuracy"]), _pct(after["clean_accuracy"])]]
@@ -427,6 +450,10 @@ def to_html(payload: dict[str, Any], artifacts: dict[str, Any] | None = None) ->
         parts.append(scan_html(payload, payload["scan"], "Trigger probes"))
     if "clean" in payload:
         parts.append(clean_html(payload, payload["clean"]))
+    if "detection" in payload:
+        parts.append(detection_html(payload["detection"], "Unknown-trigger detector"))
+    if "verification" in payload:
+        parts.append(detection_html(payload["verification"], "Independent re-detection on the cleaned model"))
     if "inversion" in payload:
         parts.append(inversion_html(payload["inversion"], artifacts.get("inversion")))
     if "sequela" in payload:
