@@ -243,3 +243,11 @@ def test_sft_with_sam_steps_removes_the_backdoor(badnets_model: PlantResult, cle
     assert result["acc_before"] - result["acc_after"] <= 0.25
     with pytest.raises(BdauditError, match="--sam-rho must be > 0"):
         create_defense("sft", {"sam_rho": -1})
+
+
+def test_a_mistyped_boolean_setting_is_refused_not_read_as_false() -> None:
+    # Used to become False silently (issue 13): a typo must not switch a defense's behaviour.
+    with pytest.raises(BdauditError, match="'flase' is not a boolean"):
+        create_defense("ftsam", {"adaptive": "flase"})
+    assert create_defense("ftsam", {"adaptive": "false"}).settings.adaptive is False
+    assert create_defense("ftsam", {"adaptive": "Yes"}).settings.adaptive is True

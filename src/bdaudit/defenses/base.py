@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bdaudit.coerce import parse_bool
 from bdaudit.config import ModelConfig
 from bdaudit.data import ImageSet
 from bdaudit.errors import BdauditError
@@ -132,7 +133,7 @@ def _coerce(value: Any, annotation: Any) -> Any:
         if text.startswith("float"):
             return float(value)
         if text.startswith("bool"):
-            return value.lower() in ("1", "true", "yes", "on")
+            return parse_bool(value)
     if text.startswith("float") and isinstance(value, int):
         return float(value)
     return value

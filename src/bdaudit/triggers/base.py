@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from bdaudit.coerce import parse_bool
 from bdaudit.errors import TriggerError
 
 TRIGGERS: dict[str, type[Trigger]] = {}
@@ -69,11 +70,10 @@ def _coerce(value: Any, annotation: Any, key: str, name: str) -> Any:
     if isinstance(target, str):  # postponed annotations
         target = {"int": int, "float": float, "bool": bool, "str": str}.get(target.split("|")[0].strip(), str)
     if target is bool and isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise TriggerError(f"trigger {name}: {key}={value!r} is not a boolean")
+        try:
+            return parse_bool(value)
+        except ValueError:
+            raise TriggerError(f"trigger {name}: {key}={value!r} is not a boolean") from None
     if target in (int, float, str, bool):
         try:
             return target(value)
