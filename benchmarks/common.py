@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from bdaudit.api import DataOptions, Runtime, open_model_and_data
-from bdaudit.clean import CleanGates, run_defense
+from bdaudit.core.runtime import resolve_device, seed_everything
 from bdaudit.defenses import create_defense
-from bdaudit.runtime import resolve_device, seed_everything
 from bdaudit.triggers import parse_trigger
+from bdaudit.workflows.clean import CleanGates, run_defense
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"

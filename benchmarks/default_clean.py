@@ -14,7 +14,7 @@ from typing import Any
 from common import DATA, ROOT, SAMPLES, manifest
 
 from bdaudit import api
-from bdaudit.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
+from bdaudit.core.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
 
 MODELS = ["badnets", "blended", "wanet", "lowfreq", "trojannn", "input_aware", "badencoder"]
 # label -> (method, unlearn_fraction)

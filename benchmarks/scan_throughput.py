@@ -13,10 +13,10 @@ import time
 import torch
 from common import DATA, SAMPLES, machine
 
-from bdaudit.checkpoint import load_model
-from bdaudit.data import resolve_data
-from bdaudit.scan import evaluate_triggers
-from bdaudit.train import predict
+from bdaudit.core.data import resolve_data
+from bdaudit.detect.probe import evaluate_triggers
+from bdaudit.engine.loop import predict
+from bdaudit.models.checkpoint import load_model
 from bdaudit.triggers import default_triggers
 
 

@@ -12,12 +12,12 @@ import json
 from common import DATA, ROOT, SAMPLES, manifest
 
 from bdaudit.api import DataOptions, Runtime, open_model_and_data
-from bdaudit.checkpoint import load_model
-from bdaudit.clean import CleanGates, run_defense
+from bdaudit.core.runtime import resolve_device, seed_everything
 from bdaudit.defenses import create_defense
-from bdaudit.runtime import resolve_device, seed_everything
+from bdaudit.models.checkpoint import load_model
 from bdaudit.sequela.audit import audit_sequela, mia_pair
 from bdaudit.triggers import parse_trigger
+from bdaudit.workflows.clean import CleanGates, run_defense
 
 MODELS = ["badnets", "blended", "wanet", "lowfreq", "trojannn"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from bdaudit.paradigms import plant_encoder
-from bdaudit.plant import PlantResult, TrainSettings, plant
+from bdaudit.planting import plant_encoder
+from bdaudit.planting.plant import PlantResult, TrainSettings, plant
 
 DATA = Path("sample_data/mnist")
 SETTINGS = TrainSettings(epochs=12, lr=0.05, batch_size=128)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdaudit.plant import PlantResult, TrainSettings, plant
+from bdaudit.planting.plant import PlantResult, TrainSettings, plant
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "sample_data" / "mnist"

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from bdaudit import api
-from bdaudit.clean import CleanGates
 from bdaudit.defenses import DEFENSES
-from bdaudit.plant import PlantResult
+from bdaudit.planting.plant import PlantResult
+from bdaudit.workflows.clean import CleanGates
 
 
 def clean_badnets(method: str, model: PlantResult, clean_dir: Path, eval_dir: Path,

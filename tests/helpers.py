@@ -10,7 +10,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from bdaudit.cli import app
-from bdaudit.report import validate_report
+from bdaudit.report.document import validate_report
 
 runner = CliRunner()
 

@@ -9,32 +9,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bdaudit.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
-from bdaudit.checkpoint import LoadedModel, load_model
-from bdaudit.clean import (
+from bdaudit.core.data import DataSplit, ImageSet, load_image_folder, resolve_data, resolve_preprocessing
+from bdaudit.core.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
+from bdaudit.core.errors import BdauditError, TriggerError
+from bdaudit.core.outputs import check_outputs
+from bdaudit.core.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
+from bdaudit.defenses import DefenseContext, create_defense
+from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
+from bdaudit.defenses.unlearning import check_unlearn_fraction
+from bdaudit.detect.inversion import inversion_reasons, invert_seeded
+from bdaudit.detect.probe import Gates, evaluate_triggers, trigger_fit_error
+from bdaudit.detect.unknown import detect_reasons, detect_unknown, detector_enabled
+from bdaudit.models.checkpoint import LoadedModel, load_model
+from bdaudit.models.intake import check_data_channels
+from bdaudit.report.document import Report, model_section, scan_reasons, scan_section
+from bdaudit.sequela.audit import SequelaGates, audit_sequela, reinjection_probe, sequela_reasons
+from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
+from bdaudit.triggers.base import model_triggers
+from bdaudit.workflows.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
+from bdaudit.workflows.clean import (
     CleanGates,
     clean_reasons,
     clean_section,
     run_defense,
     save_cleaned,
 )
-from bdaudit.data import DataSplit, ImageSet, load_image_folder, resolve_data, resolve_preprocessing
-from bdaudit.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
-from bdaudit.defenses import DefenseContext, create_defense
-from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
-from bdaudit.defenses.unlearning import check_unlearn_fraction
-from bdaudit.detect import detect_reasons, detect_unknown, detector_enabled
-from bdaudit.errors import BdauditError, TriggerError
-from bdaudit.executors import Executor, LocalExecutor
-from bdaudit.intake import check_data_channels
-from bdaudit.inversion import inversion_reasons, invert_seeded
-from bdaudit.outputs import check_outputs
-from bdaudit.report import Report, model_section, scan_reasons, scan_section
-from bdaudit.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
-from bdaudit.scan import Gates, evaluate_triggers, trigger_fit_error
-from bdaudit.sequela.audit import SequelaGates, audit_sequela, reinjection_probe, sequela_reasons
-from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
-from bdaudit.triggers.base import model_triggers
+from bdaudit.workflows.executors import Executor, LocalExecutor
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
 
@@ -101,7 +101,7 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
          model_flags: dict[str, Any] | None = None, model_config: str | Path | None = None,
          progress: Progress | None = None, invert: bool = False, detect: str = "auto") -> Report:
     """Probe a checkpoint with known triggers on held-out clean images and (``detect``, on by
-    default) look for *unknown* triggers with ``bdaudit.detect``; with ``invert``, also run Neural
+    default) look for *unknown* triggers with ``bdaudit.detect.unknown``; with ``invert``, also run Neural
     Cleanse over every class."""
     started = time.perf_counter()
     runtime = runtime or Runtime()
@@ -147,7 +147,7 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     batch carries a trigger the first scan flagged, with its true label (0: off). With ``invert``,
     Neural Cleanse first reverses a trigger per class and the outliers join the probed (and so the
     unlearned) triggers: for backdoors outside the library. ``detect`` (on by default) does the same
-    with ``bdaudit.detect`` before cleaning, and again from scratch (a fresh seed) on the cleaned
+    with ``bdaudit.detect.unknown`` before cleaning, and again from scratch (a fresh seed) on the cleaned
     model: the after-clean verdict does not rest only on the triggers that were unlearned."""
     started = time.perf_counter()
     runtime = runtime or Runtime()

@@ -1,7 +1,7 @@
 """The attack interface and registry (BackdoorBox-style: one file per attack, same verbs).
 
 An attack decides which training images to poison and how (``poison_batch``); planting code
-(``bdaudit.plant``) owns the training loop. Attacks that need their own loop (Input-aware)
+(``bdaudit.planting.plant``) owns the training loop. Attacks that need their own loop (Input-aware)
 override ``fit``.
 """
 
@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from bdaudit.data import ImageSet
-from bdaudit.errors import BdauditError
+from bdaudit.core.data import ImageSet
+from bdaudit.core.errors import BdauditError
 from bdaudit.triggers import Trigger, create_trigger
 
 ATTACKS: dict[str, type[Attack]] = {}

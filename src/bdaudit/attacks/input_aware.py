@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdaudit.attacks.base import Attack, register_attack
-from bdaudit.data import ImageSet, to_float
-from bdaudit.errors import BdauditError, TriggerError
-from bdaudit.schedules import Cosine
-from bdaudit.train import Augment, make_optimizer, steps_per_epoch
+from bdaudit.core.data import ImageSet, to_float
+from bdaudit.core.errors import BdauditError, TriggerError
+from bdaudit.engine.loop import Augment, make_optimizer, steps_per_epoch
+from bdaudit.engine.schedules import Cosine
 from bdaudit.triggers.base import (
     Trigger,
     register_carried_trigger,

@@ -23,11 +23,11 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 from bdaudit.cli.entry import EXIT_INTERRUPTED, interrupted_exit_code, main  # noqa: F401  (main: entry point)
-from bdaudit.errors import BdauditError, missing_data, missing_model
-from bdaudit.outputs import check_outputs, output_transaction
+from bdaudit.core.errors import BdauditError, missing_data, missing_model
+from bdaudit.core.outputs import check_outputs, output_transaction
 
 if TYPE_CHECKING:
-    from bdaudit.report import Report
+    from bdaudit.report.document import Report
 
 EXIT_PASS, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_TERMINATED = 143
@@ -86,7 +86,7 @@ def fail(message: str, code: int) -> typer.Exit:
 
 def guard_outputs(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path | None]) -> None:
     """Before any work: refuse outputs that are inputs (or each other) or cannot be written.
-    Every command passes ALL its output flags and ALL its input paths (see ``bdaudit.outputs``)."""
+    Every command passes ALL its output flags and ALL its input paths (see ``bdaudit.core.outputs``)."""
     check_outputs(outputs, inputs)
 
 
@@ -348,7 +348,7 @@ def merge_config(ctx: typer.Context, config: Path | None, values: dict[str, Any]
 def finish(report: Report, json_out: str | None, console: Console, show: bool,
            sarif_out: Path | None = None, html_out: Path | None = None) -> None:
     """Write the JSON/SARIF/HTML reports, print it for people, and exit 1 if a gate failed."""
-    from bdaudit.render import render_report
+    from bdaudit.report.render import render_report
 
     write_reports(report, json_out, sarif_out, html_out)
     if show:
@@ -365,7 +365,7 @@ def verdict_line(report: Report) -> str:
 
 def write_reports(report: Report, json_out: str | None, sarif_out: Path | None = None,
                   html_out: Path | None = None) -> None:
-    """Every report file a command writes, through one atomic writer (``bdaudit.outputs``)."""
+    """Every report file a command writes, through one atomic writer (``bdaudit.core.outputs``)."""
     if json_out:
         report.write_json(json_out)
     if sarif_out is not None or html_out is not None:
@@ -377,13 +377,13 @@ def write_rendered(payload: dict[str, Any], sarif_out: Path | None, html_out: Pa
                    artifacts: dict[str, Any] | None = None, exit_code: int | None = None) -> None:
     import json
 
-    from bdaudit.outputs import write_output
+    from bdaudit.core.outputs import write_output
 
     if sarif_out is not None:
-        from bdaudit.sarif import to_sarif
+        from bdaudit.report.sarif import to_sarif
 
         write_output(sarif_out, json.dumps(to_sarif(payload, exit_code=exit_code), indent=2) + "\n")
     if html_out is not None:
-        from bdaudit.html_report import to_html
+        from bdaudit.report.html import to_html
 
         write_output(html_out, to_html(payload, artifacts))

@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bdaudit.errors import BdauditError
-from bdaudit.executors import EXECUTOR_NAMES, create_executor
-from bdaudit.outputs import keep_outputs
+from bdaudit.core.errors import BdauditError
+from bdaudit.core.outputs import keep_outputs
+from bdaudit.workflows.executors import EXECUTOR_NAMES, create_executor
 
 if TYPE_CHECKING:
-    from bdaudit.batch import BatchReport, ModelOutcome
+    from bdaudit.workflows.batch import BatchReport, ModelOutcome
 
 RUNTIME = "Runtime"
 ModelPaths = Annotated[list[Path], typer.Argument(
@@ -37,7 +37,7 @@ ReportDir = Annotated[Path | None, typer.Option(
 
 def wants_batch(models: list[Path], executor: str, report_dir: Path | None) -> bool:
     """The batch output for several models, a folder, a manifest, --report-dir or a non-local executor."""
-    from bdaudit.batch import is_batch
+    from bdaudit.workflows.batch import is_batch
 
     return is_batch(models) or report_dir is not None or executor != "local"
 

@@ -21,7 +21,7 @@ from bdaudit.cli.app import (
     write_rendered,
 )
 from bdaudit.cli.batch import ExecutorName, RayAddress
-from bdaudit.errors import BdauditError
+from bdaudit.core.errors import BdauditError
 
 PLANT = "Planting (without --models)"
 BENCH_OUTPUTS = ("cells.jsonl", "bench.json", "bench.csv", "scatter.png")
@@ -90,7 +90,10 @@ def bench(
     or 3 (anything else).
     """
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
-    from bdaudit.bench import (
+    from bdaudit.defenses import DEFENSES
+    from bdaudit.planting.plant import TrainSettings
+    from bdaudit.report.render import bench_tables
+    from bdaudit.workflows.bench import (
         BenchPlan,
         Subject,
         clean_sizes_from,
@@ -99,10 +102,7 @@ def bench(
         run_bench,
         subjects_from_manifest,
     )
-    from bdaudit.defenses import DEFENSES
-    from bdaudit.executors import create_executor
-    from bdaudit.plant import TrainSettings
-    from bdaudit.render import bench_tables
+    from bdaudit.workflows.executors import create_executor
 
     guard_outputs([*(("--out-dir", out_dir / name) for name in BENCH_OUTPUTS), ("--html", html)],
                   [clean_data, eval_data, models, data])

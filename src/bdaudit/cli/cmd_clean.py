@@ -56,14 +56,14 @@ from bdaudit.cli.cmd_sequela import (
     ReinjectionSteps,
     sequela_options,
 )
-from bdaudit.defaults import (
+from bdaudit.core.defaults import (
     DEFAULT_FAIL_ASR,
     DEFAULT_FAMILY_ASR,
     DEFAULT_METHOD,
     DEFAULT_NULL_MARGIN,
     DEFAULT_UNLEARN_FRACTION,
 )
-from bdaudit.errors import BdauditError
+from bdaudit.core.errors import BdauditError
 
 TUNE = "Tuning"
 OptFloat = Annotated[float | None, typer.Option(rich_help_panel=TUNE)]
@@ -177,9 +177,9 @@ def clean(
     console, show = consoles(v["json_out"], v["quiet"])
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
     from bdaudit import api
-    from bdaudit.clean import CleanGates
-    from bdaudit.render import epoch_progress, render_schedule
-    from bdaudit.scan import Gates
+    from bdaudit.detect.probe import Gates
+    from bdaudit.report.render import epoch_progress, render_schedule
+    from bdaudit.workflows.clean import CleanGates
 
     common: dict[str, Any] = dict(
         method=v["method"], settings=settings, scope=v["scope"],

@@ -53,6 +53,6 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 @guarded
 def schema(debug: Debug = False) -> None:
     """Print the JSON Schema every report validates against."""
-    from bdaudit.report import report_schema
+    from bdaudit.report.document import report_schema
 
     typer.echo(json.dumps(report_schema(), indent=2))

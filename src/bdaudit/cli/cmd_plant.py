@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed, app, guard_outputs, guarded
-from bdaudit.errors import BdauditError
+from bdaudit.core.errors import BdauditError
 
 if TYPE_CHECKING:
-    from bdaudit.plant import PlantResult, TrainSettings
+    from bdaudit.planting.plant import PlantResult, TrainSettings
 
 PARADIGMS = ("standalone", "transfer", "encoder")
 
@@ -77,9 +77,9 @@ def plant(
         raise BdauditError(f"--paradigm must be one of {', '.join(PARADIGMS)}, not '{paradigm}'")
     guard_outputs([("--out", out)], [data, eval_data, upstream, downstream_data])
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
-    from bdaudit.paradigms import TRANSFER_SETTINGS, plant_encoder
-    from bdaudit.plant import CLEAN, TrainSettings
-    from bdaudit.plant import plant as plant_standalone
+    from bdaudit.planting import TRANSFER_SETTINGS, plant_encoder
+    from bdaudit.planting.plant import CLEAN, TrainSettings
+    from bdaudit.planting.plant import plant as plant_standalone
 
     console = Console(highlight=False, markup=False)
     defaults = TRANSFER_SETTINGS if paradigm == "transfer" else TrainSettings()
@@ -115,9 +115,9 @@ def _plant_transfer(data: Path, out: Path, upstream: Path | None, downstream: Pa
                     settings: TrainSettings, progress: Callable[[int, float], None],
                     common: dict[str, Any]) -> PlantResult:
     """Plant an upstream on --data (unless --upstream is given), then fine-tune it as the victim."""
-    from bdaudit.paradigms import plant_transfer
-    from bdaudit.plant import TrainSettings
-    from bdaudit.plant import plant as plant_standalone
+    from bdaudit.planting import plant_transfer
+    from bdaudit.planting.plant import TrainSettings
+    from bdaudit.planting.plant import plant as plant_standalone
 
     if downstream is None:
         raise BdauditError("--paradigm transfer needs --downstream-data DIR (the victim's clean data)")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from bdaudit.cli.app import Debug, HtmlOut, SarifOut, app, guard_outputs, guarded, write_rendered
-from bdaudit.errors import BdauditError
+from bdaudit.core.errors import BdauditError
 
 
 def load_saved(path: Path) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def load_saved(path: Path) -> dict[str, Any]:
         raise BdauditError(f"{path} is not a bdaudit report; pass a file written by --json or bench.json")
     import jsonschema
 
-    from bdaudit.report import validate_report
+    from bdaudit.report.document import validate_report
 
     try:
         validate_report(payload)

@@ -46,8 +46,8 @@ from bdaudit.cli.app import (
     trigger_inputs,
 )
 from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
-from bdaudit.defaults import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN
-from bdaudit.errors import BdauditError
+from bdaudit.core.defaults import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN
+from bdaudit.core.errors import BdauditError
 
 
 @app.command()
@@ -107,8 +107,8 @@ def scan(
     console, show = consoles(v["json_out"], v["quiet"])
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
     from bdaudit import api
-    from bdaudit.render import progress_bars
-    from bdaudit.scan import Gates
+    from bdaudit.detect.probe import Gates
+    from bdaudit.report.render import progress_bars
 
     options = dict(
         triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],

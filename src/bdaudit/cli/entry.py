@@ -2,7 +2,7 @@
 
 Only the standard library is imported here, so the handlers are in place before torch loads.
 SIGINT exits 130 and SIGTERM 143, each with one line; the first signal unwinds the command (its
-outputs are rolled back, see ``bdaudit.outputs``) and later ones are ignored until that is done,
+outputs are rolled back, see ``bdaudit.core.outputs``) and later ones are ignored until that is done,
 so a second Ctrl-C cannot turn a clean exit into a raw signal death or leave a partial file.
 """
 

@@ -60,11 +60,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bdaudit.data import to_float
+from bdaudit.core.data import to_float
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, register_defense
 from bdaudit.defenses.layers import conv_layers, norm_layers
-from bdaudit.errors import BdauditError
-from bdaudit.train import Augment
+from bdaudit.engine.loop import Augment
 
 REPORTS = 10  # ctx.on_epoch calls over the optimisation
 MASK_MOMENTUM = 0.9

@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bdaudit.coerce import parse_bool
-from bdaudit.config import ModelConfig
-from bdaudit.data import ImageSet
-from bdaudit.errors import BdauditError
-from bdaudit.train import BatchTransform
+from bdaudit.core.coerce import parse_bool
+from bdaudit.core.config import ModelConfig
+from bdaudit.core.data import ImageSet
+from bdaudit.core.errors import BdauditError
+from bdaudit.engine.loop import BatchTransform
 
 DEFENSES: dict[str, type[Defense]] = {}
 SCOPES = ("full", "head")

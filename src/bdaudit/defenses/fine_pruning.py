@@ -45,11 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bdaudit.data import to_float
+from bdaudit.core.data import to_float
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, register_defense
 from bdaudit.defenses.layers import capture_head_inputs, linear_head
 from bdaudit.defenses.tuning import RateSettings, fine_tune
-from bdaudit.errors import BdauditError
 
 EVAL_BATCH = 256
 

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, register_defense
 from bdaudit.defenses.layers import linear_head
 from bdaudit.defenses.tuning import RateSettings, fine_tune
-from bdaudit.errors import BdauditError
 
 
 @dataclass(frozen=True)

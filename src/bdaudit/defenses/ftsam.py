@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, register_defense
 from bdaudit.defenses.tuning import RateSettings, fine_tune
-from bdaudit.errors import BdauditError
-from bdaudit.train import LossFunction
+from bdaudit.engine.loop import LossFunction
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdaudit.data import ImageSet, to_float
+from bdaudit.core.data import ImageSet, to_float
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, register_defense
-from bdaudit.errors import BdauditError
-from bdaudit.train import make_optimizer
+from bdaudit.engine.loop import make_optimizer
 
 INNER_REG = 1e-3  # the official inner loss's weight on |delta|^2
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from bdaudit.config import ModelConfig
-from bdaudit.errors import BdauditError
+from bdaudit.core.config import ModelConfig
+from bdaudit.core.errors import BdauditError
 
 
 def conv_layers(net: nn.Module) -> list[tuple[str, nn.Conv2d]]:

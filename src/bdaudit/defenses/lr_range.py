@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bdaudit.defenses.base import DefenseContext
-from bdaudit.train import Augment, make_optimizer
+from bdaudit.engine.loop import Augment, make_optimizer
 
 ESCAPE_RISE = 0.5  # nats above the curve's minimum: predictions are substantially off
 

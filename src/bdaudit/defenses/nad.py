@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdaudit.data import to_float
+from bdaudit.core.data import to_float
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, register_defense
 from bdaudit.defenses.layers import capture_outputs
 from bdaudit.defenses.tuning import RateSettings, fine_tune
-from bdaudit.errors import BdauditError
-from bdaudit.schedules import Constant
+from bdaudit.engine.schedules import Constant
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ classes stay <= 1.3; ``--set anomaly_scale=l1`` restores the paper's rule.
 
 Knobs (``bdaudit clean --method nc``):
 
-- inversion (``bdaudit.inversion``): ``inversion_steps`` mini-batches per class,
+- inversion (``bdaudit.detect.inversion``): ``inversion_steps`` mini-batches per class,
   ``inversion_batch_size``, ``inversion_lr`` (Adam), ``init_cost`` (NC's initial lambda),
   ``success_threshold`` (the attack success the schedule holds, 0.99), ``anomaly_threshold`` (2),
   ``anomaly_scale`` (``log``, the default: the paper's rule on log norms, a bdaudit extension — see
-  ``bdaudit.inversion`` — or ``l1``, the paper's rule);
+  ``bdaudit.detect.inversion`` — or ``l1``, the paper's rule);
 - unlearning: ``epochs``, ``batch_size``, ``lr`` (constant), ``optimizer``, ``momentum``,
   ``weight_decay``, ``augment_pad`` (as ``ft``), and ``poison_fraction`` — the fraction of each
   batch stamped with a reversed trigger (the paper: 20 %).
@@ -35,12 +35,12 @@ from typing import Any
 
 import torch
 
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, register_defense
 from bdaudit.defenses.tuning import TuneSettings
-from bdaudit.errors import BdauditError
-from bdaudit.inversion import InversionResult, InversionSettings, InvertedTrigger, invert_triggers
-from bdaudit.schedules import Constant
-from bdaudit.train import Augment, BatchTransform, make_optimizer, train
+from bdaudit.detect.inversion import InversionResult, InversionSettings, InvertedTrigger, invert_triggers
+from bdaudit.engine.loop import Augment, BatchTransform, make_optimizer, train
+from bdaudit.engine.schedules import Constant
 
 
 @dataclass(frozen=True)

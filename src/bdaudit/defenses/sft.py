@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, head_module, register_defense
 from bdaudit.defenses.ftsam import SAMStep
 from bdaudit.defenses.lr_range import lr_range_test
 from bdaudit.defenses.tuning import TuneSettings, fine_tune
-from bdaudit.errors import BdauditError
-from bdaudit.schedules import TwoPhaseCyclic
-from bdaudit.train import steps_per_epoch
+from bdaudit.engine.loop import steps_per_epoch
+from bdaudit.engine.schedules import TwoPhaseCyclic
 
 # Chosen on the benchmark (benchmarks/README.md, "SFT peak selection").
 PEAK1_FROM_ESCAPE = 0.25

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import DefenseContext
-from bdaudit.errors import BdauditError
-from bdaudit.schedules import Constant, Cosine
-from bdaudit.train import (
+from bdaudit.engine.loop import (
     MAX_BATCH,
     MAX_EPOCHS,
     MAX_STEPS,
@@ -20,6 +19,7 @@ from bdaudit.train import (
     steps_per_epoch,
     train,
 )
+from bdaudit.engine.schedules import Constant, Cosine
 
 
 @dataclass(frozen=True)

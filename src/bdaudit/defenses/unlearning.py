@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bdaudit.errors import BdauditError
+from bdaudit.core.errors import BdauditError
 from bdaudit.triggers import Trigger
 
 # Fresh family members come from seeds above this, away from the library's own (0) and null seeds.

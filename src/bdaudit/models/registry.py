@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from bdaudit.errors import CheckpointError
-from bdaudit.picklescan import printable
+from bdaudit.core.errors import CheckpointError
+from bdaudit.core.picklescan import printable
 
 REGISTRY_PREFIXES = ("timm:", "torchvision:")
 # Keyword arguments that make a builder read files, download weights or take code; never taken

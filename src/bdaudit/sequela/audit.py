@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bdaudit.data import ImageSet
-from bdaudit.scan import ScanResult
+from bdaudit.core.data import ImageSet
+from bdaudit.detect.probe import ScanResult
 from bdaudit.sequela.mia import MIAResult, compare, membership_inference
 from bdaudit.sequela.reinjection import reinjection_attack
 from bdaudit.triggers import Trigger

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdaudit.data import ImageSet
-from bdaudit.errors import BdauditError
+from bdaudit.core.data import ImageSet
+from bdaudit.core.errors import BdauditError
 
 ATTACKS = ("loss", "confidence", "entropy", "modified_entropy")
 FPR_POINTS = (0.01, 0.001)

@@ -42,11 +42,11 @@ import torch
 from torch import nn
 
 from bdaudit.attacks.base import Attack
-from bdaudit.data import ImageSet
-from bdaudit.errors import BdauditError
-from bdaudit.scan import attack_success_rates, trigger_fit_error
-from bdaudit.schedules import Constant
-from bdaudit.train import make_optimizer, predict, steps_per_epoch, train
+from bdaudit.core.data import ImageSet
+from bdaudit.core.errors import BdauditError
+from bdaudit.detect.probe import attack_success_rates, trigger_fit_error
+from bdaudit.engine.loop import make_optimizer, predict, steps_per_epoch, train
+from bdaudit.engine.schedules import Constant
 from bdaudit.triggers import Trigger
 
 DEFAULT_BUDGET_STEPS = 60

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from bdaudit.coerce import parse_bool
-from bdaudit.errors import TriggerError
+from bdaudit.core.coerce import parse_bool
+from bdaudit.core.errors import TriggerError
 
 TRIGGERS: dict[str, type[Trigger]] = {}
 

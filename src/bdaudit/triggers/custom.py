@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import yaml
 
-from bdaudit.errors import TriggerError
+from bdaudit.core.errors import TriggerError
 from bdaudit.triggers.badnets import POSITIONS
 from bdaudit.triggers.base import Trigger, create_trigger, register_trigger, seeded_pattern
 from bdaudit.triggers.blended import has_alpha, load_image, pil_mode, probe_image

@@ -1,0 +1,1 @@
+"""Foundations every layer may use: errors, settings, data, runtime, safe outputs."""

@@ -1,0 +1,1 @@
+"""Probing known triggers and searching for unknown ones."""

@@ -1,0 +1,1 @@
+"""The one training machinery: the loop, its schedules and recipes."""

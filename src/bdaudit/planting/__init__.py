@@ -1,0 +1,15 @@
+"""The paper's other two planting paradigms (Sha et al. 2022, arXiv:2212.09067, Sec. 3).
+
+``standalone`` (``bdaudit.planting.plant``) trains a backdoored model from scratch; here:
+
+- ``transfer``: a victim fine-tunes a backdoored upstream model on its own clean data (whole
+  model or head only) and the backdoor may survive (``plant_transfer``);
+- ``encoder``: a self-supervised encoder is backdoored BadEncoder-style and a victim trains a
+  linear head on it with clean labels (``plant_encoder``).
+"""
+
+from bdaudit.planting.encoder import EncoderSettings, plant_encoder
+from bdaudit.planting.transfer import TRANSFER_MODES, TRANSFER_SETTINGS, plant_transfer
+
+__all__ = ["TRANSFER_MODES", "TRANSFER_SETTINGS", "EncoderSettings", "plant_encoder",
+           "plant_transfer"]

@@ -1,0 +1,108 @@
+"""The report object: one structure rendered to JSON (a versioned contract) and to the console."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bdaudit import __version__
+from bdaudit.detect.probe import Gates, ScanResult
+from bdaudit.models.checkpoint import LoadedModel
+
+# 1.1: trigger flag_reason, family_asr gate; 1.2: clean unlearning; 1.3: detection, verification, ASR CIs, MIA roc
+SCHEMA_VERSION = "1.3.0"
+
+
+@cache
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema shipped inside the package (``bdaudit schema`` prints it)."""
+    text = resources.files("bdaudit").joinpath("report/schemas/report.schema.json").read_text()
+    return json.loads(text)
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` if ``report`` breaks the contract."""
+    import jsonschema
+
+    jsonschema.validate(report, report_schema(), format_checker=jsonschema.FormatChecker())
+
+
+def model_section(loaded: LoadedModel) -> dict[str, Any]:
+    config = loaded.config
+    return {
+        "path": str(loaded.path) if loaded.path else None,
+        "sha256": loaded.sha256,
+        "arch": config.arch,
+        "num_classes": config.num_classes,
+        "in_chans": config.in_chans,
+        "input_size": list(config.input_size),
+        "parameters": loaded.num_parameters,
+        "class_names": list(config.class_names) if config.class_names else None,
+        "provenance": config.provenance,
+    }
+
+
+def scan_section(result: ScanResult) -> dict[str, Any]:
+    return {"clean_accuracy": result.clean_accuracy, "n_images": result.n_images,
+            "triggers": [t.to_dict() for t in result.triggers]}
+
+
+def scan_reasons(result: ScanResult, gates: Gates) -> list[str]:
+    return [f"trigger {t.spec} sends {t.asr:.1%} of held-out images to class "
+            f"{t.target_name!r} (null {t.null_asr:.1%}; gate {gates.fail_asr:.0%})"
+            + (f"; the whole {t.trigger} family does (family gate {gates.family_asr:.0%})"
+               if t.flag_reason == "family" else "")
+            for t in result.flagged]
+
+
+@dataclass
+class Report:
+    """A scan/clean/sequela report; sections are plain JSON-ready dicts."""
+
+    kind: str
+    model: dict[str, Any]
+    data: dict[str, Any]
+    environment: dict[str, Any]
+    gates: dict[str, float | None]
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
+        timespec="seconds"))
+    # Live objects the JSON leaves out (e.g. the inversion's mask tensors) for richer renderers.
+    artifacts: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": self.kind,
+            "tool": {"name": "bdaudit", "version": __version__},
+            "created": self.created,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "model": self.model,
+            "data": self.data,
+            "environment": self.environment,
+            "gates": self.gates,
+            **self.sections,
+            "verdict": {"status": "pass" if self.passed else "fail", "reasons": self.reasons},
+        }
+
+    def write_json(self, destination: str | Path, force: bool = True) -> None:
+        """Write to a path atomically, or to stdout for ``-``."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        if str(destination) == "-":
+            sys.stdout.write(text)
+            return
+        from bdaudit.core.outputs import write_output
+
+        write_output(destination, text, force=force)

@@ -1,0 +1,1 @@
+"""Whole jobs a user asks for: clean, bench, many-model batches."""
