@@ -60,12 +60,12 @@ def test_fine_pruning_removes_badnets(badnets_model: PlantResult, clean_dir: Pat
 
 
 @pytest.mark.parametrize(("params", "flag"), [
-    ({"prune_ratio_max": 2}, "--prune-ratio-max"),
-    ({"prune_ratio_max": -0.1}, "--prune-ratio-max"),
-    ({"accuracy_tolerance": 1.5}, "--accuracy-tolerance"),
-    ({"lr": 0}, "--lr"),
-    ({"schedule": "step"}, "--schedule"),
-    ({"epochs": 0}, "--epochs"),
+    ({"prune_ratio_max": 2}, "`prune_ratio_max`"),
+    ({"prune_ratio_max": -0.1}, "`prune_ratio_max`"),
+    ({"accuracy_tolerance": 1.5}, "`accuracy_tolerance`"),
+    ({"lr": 0}, "`lr`"),
+    ({"schedule": "step"}, "`schedule`"),
+    ({"epochs": 0}, "`epochs`"),
 ])
 def test_fine_pruning_rejects_bad_settings(params: dict, flag: str) -> None:
     with pytest.raises(BdauditError, match=flag):
@@ -119,7 +119,7 @@ def test_fine_pruning_mask_holds_through_fine_tuning(loaded: LoadedModel, tune: 
 
 
 def test_fine_pruning_refuses_head_scope(loaded: LoadedModel, tune: ImageSet) -> None:
-    with pytest.raises(BdauditError, match="--scope full"):
+    with pytest.raises(BdauditError, match="set `scope` to full"):
         create_defense("fp").run(context(loaded, tune, scope="head"))
 
 
@@ -144,13 +144,13 @@ def test_anp_removes_badnets(badnets_model: PlantResult, clean_dir: Path, eval_d
 
 
 @pytest.mark.parametrize(("params", "flag"), [
-    ({"eps": 2}, "--eps"),
-    ({"alpha": 1.5}, "--alpha"),
-    ({"threshold": -0.1}, "--threshold"),
-    ({"prune_fraction": 1.0}, "--prune-fraction"),
-    ({"iterations": 0}, "--iterations"),
-    ({"mask_lr": 0}, "--mask-lr"),
-    ({"pgd_steps": 0}, "--pgd-steps"),
+    ({"eps": 2}, "`eps`"),
+    ({"alpha": 1.5}, "`alpha`"),
+    ({"threshold": -0.1}, "`threshold`"),
+    ({"prune_fraction": 1.0}, "`prune_fraction`"),
+    ({"iterations": 0}, "`iterations`"),
+    ({"mask_lr": 0}, "`mask_lr`"),
+    ({"pgd_steps": 0}, "`pgd_steps`"),
 ])
 def test_anp_rejects_bad_settings(params: dict, flag: str) -> None:
     with pytest.raises(BdauditError, match=flag):
@@ -221,5 +221,5 @@ def test_anp_selects_by_threshold_or_fraction() -> None:
 
 
 def test_anp_refuses_head_scope(loaded: LoadedModel, tune: ImageSet) -> None:
-    with pytest.raises(BdauditError, match="--scope full"):
+    with pytest.raises(BdauditError, match="set `scope` to full"):
         create_defense("anp").run(context(loaded, tune, scope="head"))

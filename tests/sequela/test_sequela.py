@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import ImageSet, Preprocessing, load_image_folder
 from bdaudit.core.errors import BdauditError
-from bdaudit.engine.loop import Augment, make_optimizer, train
+from bdaudit.engine.loop import Plan, Runtime, train
+from bdaudit.engine.recipe import Augment, make_optimizer
 from bdaudit.engine.schedules import Constant, Cosine
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, load_model
 from bdaudit.planting.plant import PlantResult
@@ -118,8 +119,7 @@ def overfit() -> tuple[torch.nn.Module, ImageSet]:
     torch.manual_seed(0)
     classifier = NormalizedClassifier(build_model(config), config)
     optimizer = make_optimizer(classifier.parameters(), "sgd", 0.05, weight_decay=0.0)
-    train(classifier, members, epochs=40, batch_size=20, optimizer=optimizer, lr_at=Constant(0.05),
-          gen=torch.Generator().manual_seed(0), device=CPU)
+    train(classifier, members, Plan(40, 20, Constant(0.05)), optimizer, Runtime(torch.Generator().manual_seed(0), CPU))
     return classifier, members
 
 
@@ -182,9 +182,8 @@ def superficially_cleaned(badnets: PlantResult, clean_set: ImageSet) -> torch.nn
     """BadNets model fine-tuned on clean data just long enough to push ASR below 50 %."""
     classifier = load_model(badnets.path).classifier()
     optimizer = make_optimizer(classifier.parameters(), "sgd", 0.02)
-    train(classifier, clean_set, epochs=10, batch_size=64, optimizer=optimizer,
-          lr_at=Cosine(0.02, 70, warmup_steps=7), gen=torch.Generator().manual_seed(0), device=CPU,
-          augment=Augment(2))
+    train(classifier, clean_set, Plan(10, 64, Cosine(0.02, 70, warmup_steps=7), Augment(2)), optimizer,
+          Runtime(torch.Generator().manual_seed(0), CPU))
     return classifier
 
 
@@ -232,7 +231,7 @@ def test_retuning_refuses_impossible_settings(clean_model: PlantResult, clean_se
     with pytest.raises(ReinjectionError, match="needs 400 clean \\+ 10 poisoned images but .* 400"):
         reinjection_attack(classifier, clean_set, trigger, 0, eval_data=eval_set, device=CPU,
                            n_clean=400, n_poison=10)
-    with pytest.raises(ReinjectionError, match="target 10 is not a class index"):
+    with pytest.raises(ReinjectionError, match="`target` 10 is not a class index"):
         reinjection_attack(classifier, clean_set, trigger, 10, eval_data=eval_set, device=CPU)
     with pytest.raises(ReinjectionError, match="does not fit"):
         reinjection_attack(classifier, clean_set, parse_trigger("badnets:size=40"), 0,

@@ -67,9 +67,9 @@ class FPSettings(RateSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.prune_ratio_max < 1.0:
-            raise BdauditError(f"--prune-ratio-max must be in [0, 1), not {self.prune_ratio_max}")
+            raise BdauditError(f"`prune_ratio_max` must be in [0, 1), not {self.prune_ratio_max}")
         if not 0.0 <= self.accuracy_tolerance <= 1.0:
-            raise BdauditError(f"--accuracy-tolerance must be in [0, 1], not {self.accuracy_tolerance}")
+            raise BdauditError(f"`accuracy_tolerance` must be in [0, 1], not {self.accuracy_tolerance}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class FinePruning(Defense):
     def run(self, ctx: DefenseContext) -> dict[str, Any]:
         s = self.settings
         if ctx.scope != "full":
-            raise BdauditError("--method fp prunes and fine-tunes the whole model; use --scope full")
+            raise BdauditError("method fp prunes and fine-tunes the whole model; set `scope` to full")
         head = linear_head(ctx.net, ctx.config)
         plan = plan_pruning(head_features(ctx, head), ctx.tune.labels, head, s)
         mask = plan.mask()

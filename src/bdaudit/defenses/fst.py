@@ -45,7 +45,7 @@ class FSTSettings(RateSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.alpha >= 0:
-            raise BdauditError(f"--alpha must be >= 0, not {self.alpha}")
+            raise BdauditError(f"`alpha` must be >= 0, not {self.alpha}")
 
 
 @torch.no_grad()
@@ -77,7 +77,7 @@ class FeatureShiftTuning(Defense):
     def run(self, ctx: DefenseContext) -> dict[str, Any]:
         s = self.settings
         if ctx.scope != "full":
-            raise BdauditError("fst tunes the whole model (it shifts the body's features); use --scope full")
+            raise BdauditError("fst tunes the whole model (it shifts the body's features); set `scope` to full")
         ctx.classifier.to(ctx.device)
         head = linear_head(ctx.net, ctx.config)
         original = head.weight.detach().clone()

@@ -48,7 +48,7 @@ class FTSAMSettings(RateSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.rho > 0:
-            raise BdauditError(f"--rho must be > 0, not {self.rho}")
+            raise BdauditError(f"`rho` must be > 0, not {self.rho}")
 
 
 def sam_perturbation(params: list[nn.Parameter], rho: float, adaptive: bool) -> list[torch.Tensor]:

@@ -66,15 +66,15 @@ class NADSettings(RateSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.teacher_lr <= 10.0:
-            raise BdauditError(f"--teacher-lr must be in (0, 10], not {self.teacher_lr}")
+            raise BdauditError(f"`teacher_lr` must be in (0, 10], not {self.teacher_lr}")
         if not self.beta >= 0:
-            raise BdauditError(f"--beta must be >= 0, not {self.beta}")
+            raise BdauditError(f"`beta` must be >= 0, not {self.beta}")
         if not self.power > 0:
-            raise BdauditError(f"--power must be > 0, not {self.power}")
+            raise BdauditError(f"`power` must be > 0, not {self.power}")
         if self.teacher_epochs < 1:
-            raise BdauditError(f"--teacher-epochs must be at least 1, not {self.teacher_epochs}")
+            raise BdauditError(f"`teacher_epochs` must be at least 1, not {self.teacher_epochs}")
         if self.n_layers < 1:
-            raise BdauditError(f"--n-layers must be at least 1, not {self.n_layers}")
+            raise BdauditError(f"`n_layers` must be at least 1, not {self.n_layers}")
 
 
 def attention_map(features: torch.Tensor, power: float = 2.0) -> torch.Tensor:
@@ -129,7 +129,7 @@ def stage_outputs(classifier: nn.Module, net: nn.Module, probe: torch.Tensor, n_
     stages = [name for _, name in sorted(last.values())]
     if not stages:
         raise BdauditError("nad needs convolutional feature maps (4-D activations) and found none; "
-                           "name the layers to distil with --layers")
+                           "name the layers to distil with `layers`")
     return stages[-n_layers:]
 
 
@@ -141,7 +141,7 @@ def resolve_layers(ctx: DefenseContext, settings: NADSettings) -> list[str]:
             try:
                 ctx.net.get_submodule(name)
             except AttributeError:
-                raise BdauditError(f"--layers: the model has no module '{name}'") from None
+                raise BdauditError(f"`layers`: the model has no module '{name}'") from None
         return names
     ctx.classifier.to(ctx.device)
     return stage_outputs(ctx.classifier, ctx.net, to_float(ctx.tune.images[:2], ctx.device), settings.n_layers)
@@ -181,7 +181,7 @@ class NeuralAttentionDistillation(Defense):
     def run(self, ctx: DefenseContext) -> dict[str, Any]:
         s = self.settings
         if ctx.scope != "full":
-            raise BdauditError("nad distils the intermediate layers, so it tunes the whole model; use --scope full")
+            raise BdauditError("nad distils the intermediate layers, so it tunes the whole model; set `scope` to full")
         names = resolve_layers(ctx, s)
         teacher = train_teacher(ctx, s)
         student_modules = [ctx.net.get_submodule(n) for n in names]
@@ -194,7 +194,7 @@ class NeuralAttentionDistillation(Defense):
                 teacher(x)
             if any(a is None for a in student):
                 unused = [n for n, a in zip(names, student, strict=True) if a is None]
-                raise BdauditError(f"--layers: module(s) {', '.join(unused)} are not used in the forward pass")
+                raise BdauditError(f"`layers`: module(s) {', '.join(unused)} are not used in the forward pass")
             distill = sum(attention_loss(a, b, s.power) for a, b in zip(student, target, strict=True))
             return F.cross_entropy(logits, y) + s.beta * distill
 

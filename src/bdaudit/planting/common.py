@@ -24,7 +24,7 @@ EpochCallback = Callable[[int, float], None]
 def check_output(out: Path, force: bool) -> None:
     """Fail before any training rather than after it."""
     if out.exists() and not force:
-        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
+        raise BdauditError(f"output {out} already exists; choose another path or set `force`")
 
 
 def victim_config(upstream: ModelConfig, data_dir: Path) -> tuple[ModelConfig, bool]:
@@ -51,19 +51,6 @@ def with_head_name(config: ModelConfig, net: nn.Module) -> ModelConfig:
     head = net.get_classifier()
     name = next((name for name, module in net.named_modules() if module is head), None)
     return dataclasses.replace(config, head=name)
-
-
-def head_of(net: nn.Module, config: ModelConfig) -> nn.Module:
-    """The classifier head: ``config.head`` (the --scope head boundary), else timm's."""
-    if config.head:
-        try:
-            return net.get_submodule(config.head)
-        except AttributeError:
-            raise BdauditError(f"the model has no module '{config.head}' (its config's head)") from None
-    if hasattr(net, "get_classifier"):
-        return net.get_classifier()
-    raise BdauditError(f"cannot tell the classifier head of architecture '{config.arch}'; "
-                       "set 'head' in its model config")
 
 
 def check_trigger_fits(trigger: Trigger, data: ImageSet) -> None:

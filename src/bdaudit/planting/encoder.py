@@ -26,13 +26,13 @@ from bdaudit import __version__
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import DataSplit, ImageSet, resolve_data, to_float
 from bdaudit.core.errors import BdauditError
+from bdaudit.core.heads import head_of
 from bdaudit.core.runtime import resolve_device, seed_everything
-from bdaudit.engine.loop import Augment
+from bdaudit.engine.recipe import Augment
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, load_model, save_model
 from bdaudit.planting.common import (
     check_output,
     check_trigger_fits,
-    head_of,
     measure_trigger,
     rounded,
     victim_config,
@@ -244,7 +244,7 @@ def plant_encoder(data_dir: str | Path, out: str | Path, *, trigger: str = "badn
         references = reference_indices(split.tune, target, settings.references, gen)
         inject_backdoor(classifier, split.tune, to_float(split.tune.images[references]), chosen,
                         settings, gen, torch_device, on_epoch=lambda e, loss: report("backdoor", e, loss))
-    fit_linear_head(classifier, head_of(net, config), split.tune, settings, torch_device,
+    fit_linear_head(classifier, head_of(net, config, infer=True), split.tune, settings, torch_device,
                     on_epoch=lambda e, loss: report("head", e, loss))
     metrics = measure_trigger(classifier, split.heldout, chosen, target, torch_device)
     metrics.pop("asr_target")

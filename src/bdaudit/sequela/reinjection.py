@@ -45,7 +45,8 @@ from bdaudit.attacks.base import Attack
 from bdaudit.core.data import ImageSet
 from bdaudit.core.errors import BdauditError
 from bdaudit.detect.probe import attack_success_rates, trigger_fit_error
-from bdaudit.engine.loop import make_optimizer, predict, steps_per_epoch, train
+from bdaudit.engine.loop import Hooks, Plan, Runtime, predict, train
+from bdaudit.engine.recipe import make_optimizer, steps_per_epoch
 from bdaudit.engine.schedules import Constant
 from bdaudit.triggers import Trigger
 
@@ -140,13 +141,13 @@ def _retuning_set(clean: ImageSet, target: int, n_clean: int, n_poison: int,
 def _check(target: int, num_classes: int, budget_steps: int, eval_every: int, n_clean: int,
            n_poison: int, lr: float, batch_size: int) -> None:
     if not 0 <= target < num_classes:
-        raise ReinjectionError(f"target {target} is not a class index (0..{num_classes - 1})")
+        raise ReinjectionError(f"`target` {target} is not a class index (0..{num_classes - 1})")
     if budget_steps < 1 or eval_every < 1 or batch_size < 1:
-        raise ReinjectionError("budget_steps, eval_every and batch_size must be at least 1")
+        raise ReinjectionError("`budget_steps`, `eval_every` and `batch_size` must be at least 1")
     if n_poison < 1 or n_clean < 0:
-        raise ReinjectionError("the retuning attack needs n_poison >= 1 and n_clean >= 0")
+        raise ReinjectionError("the retuning attack needs `n_poison` >= 1 and `n_clean` >= 0")
     if not lr > 0:
-        raise ReinjectionError(f"lr must be > 0, not {lr}")
+        raise ReinjectionError(f"`lr` must be > 0, not {lr}")
 
 
 def _check_trigger(trigger: Trigger, data: ImageSet) -> None:
@@ -175,10 +176,6 @@ def reinjection_attack(classifier: nn.Module, clean: ImageSet, trigger: Trigger,
     poisoner = Attack(trigger=trigger, target=target, poison_rate=n_poison / len(retune))
     model = copy.deepcopy(classifier).to(device)
 
-    def poison(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return poisoner.poison_batch(x, y, poisoned[index], g)
-
     curve = [CurvePoint(0, *_measure(model, eval_data, trigger, target, 256, device))]
     step = 0
 
@@ -194,8 +191,8 @@ def reinjection_attack(classifier: nn.Module, clean: ImageSet, trigger: Trigger,
     optimizer = make_optimizer(model.parameters(), "sgd", lr, MOMENTUM, WEIGHT_DECAY)
     epochs = -(-budget_steps // steps_per_epoch(len(retune), batch_size))
     try:
-        train(model, retune, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-              lr_at=Constant(lr), gen=gen, device=device, batch_transform=poison, on_step=on_step)
+        train(model, retune, Plan(epochs, batch_size, Constant(lr)), optimizer, Runtime(gen, device),
+              Hooks(batch_transform=poisoner.stamping(poisoned), on_step=on_step))
     except _BudgetSpent:
         model.eval()
     reached = next((p.step for p in curve if p.asr >= regained_asr), None)
