@@ -105,7 +105,7 @@ def test_fine_pruning_mask_holds_through_fine_tuning(loaded: LoadedModel, tune: 
     ctx = context(loaded, tune, on_epoch=on_epoch)
     ctx_head = linear_head(ctx.net, ctx.config)
     keys = list(ctx.net.state_dict())
-    result = create_defense("fp", settings).run(ctx)
+    result = create_defense("fp", settings).run(ctx).details
     assert result["pruned"] == plan.pruned
     assert seen == [0.0, 0.0]  # the pruned columns never moved while the rest trained
     assert (ctx_head.weight == 0).all(0).nonzero().flatten().sort().values.tolist() == pruned.sort().values.tolist()
@@ -161,7 +161,7 @@ def test_anp_prunes_only_and_restores_everything_else(loaded: LoadedModel, tune:
     settings = {"iterations": 4, "batch_size": 32, "prune_fraction": 0.05}
     ctx = context(loaded, tune)
     before = {k: v.clone() for k, v in ctx.net.state_dict().items()}
-    result = create_defense("anp", settings).run(ctx)
+    result = create_defense("anp", settings).run(ctx).details
     after = ctx.net.state_dict()
     assert list(after) == list(before)
     assert hook_count(ctx.classifier) == 0
@@ -175,7 +175,7 @@ def test_anp_prunes_only_and_restores_everything_else(loaded: LoadedModel, tune:
     assert zeroed == result["pruned"]
     # Same seed, same masks, same pruning.
     again = context(loaded, tune)
-    assert create_defense("anp", settings).run(again) == result
+    assert create_defense("anp", settings).run(again).details == result
     assert all(torch.equal(v, again.net.state_dict()[k]) for k, v in after.items())
 
 

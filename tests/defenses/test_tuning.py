@@ -180,7 +180,7 @@ def test_fst_reinitialises_the_head_keeps_its_norm_and_turns_it_away(badnets_mod
     for alpha in (0.0, 0.3):
         ctx = context(badnets_model, clean_dir)
         original = ctx.net.fc.weight.detach().clone()
-        used = create_defense("fst", {"epochs": 1, "min_steps": 0, "alpha": alpha}).run(ctx)
+        used = create_defense("fst", {"epochs": 1, "min_steps": 0, "alpha": alpha}).run(ctx).details
         weight = ctx.net.fc.weight.detach()
         assert float(weight.norm()) == pytest.approx(float(original.norm()), rel=1e-4)  # projected
         assert used["head_norm"] == pytest.approx(float(original.norm()), rel=1e-5)
@@ -225,7 +225,7 @@ def test_nad_teacher_is_frozen_and_the_student_moves(badnets_model: PlantResult,
     ctx = context(badnets_model, clean_dir)
     before = copy.deepcopy(ctx.net.state_dict())
     settings = {"epochs": 1, "min_steps": 0, "teacher_epochs": 1, "layers": "features.9, features"}
-    used = create_defense("nad", settings).run(ctx)
+    used = create_defense("nad", settings).run(ctx).details
     assert used["layers"] == ["features.9", "features"]
     assert any(not torch.equal(before[k], v) for k, v in ctx.net.state_dict().items())
     with pytest.raises(BdauditError, match="no module 'nope'"):
@@ -251,3 +251,13 @@ def test_a_mistyped_boolean_setting_is_refused_not_read_as_false() -> None:
         create_defense("ftsam", {"adaptive": "flase"})
     assert create_defense("ftsam", {"adaptive": "false"}).settings.adaptive is False
     assert create_defense("ftsam", {"adaptive": "Yes"}).settings.adaptive is True
+
+
+def test_a_defense_result_keeps_the_report_keys() -> None:
+    from bdaudit.defenses import DefenseResult
+
+    result = DefenseResult({"lr": 0.1}, {"pruned": 3}, schedule={"total_steps": 5}, peak_selection={"source": "given"})
+    assert list(result.to_dict()) == ["settings", "schedule", "peak_selection", "pruned"]
+    result.note, result.unlearning = "left unchanged", {"fraction": 0.3}
+    assert result.to_dict()["note"] == "left unchanged" and list(result.to_dict())[-1] == "unlearning"
+    assert list(DefenseResult({}).to_dict()) == ["settings"]

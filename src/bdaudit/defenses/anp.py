@@ -62,7 +62,7 @@ from torch.nn.utils import parametrize
 
 from bdaudit.core.data import to_float
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.layers import conv_layers, norm_layers
 from bdaudit.engine.recipe import Augment
 
@@ -235,7 +235,7 @@ class AdversarialNeuronPruning(Defense):
     settings_cls = ANPSettings
     settings: ANPSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
         if ctx.scope != "full":
             raise BdauditError("method anp prunes neurons across the whole model; set `scope` to full")
@@ -257,11 +257,11 @@ class AdversarialNeuronPruning(Defense):
             ctx.classifier.eval()
         masks = anp.mask_values()
         pruned = prune_neurons(layers, select_neurons(masks, s))
-        return {"settings": asdict(s), "neuron_layers": kind, "neurons": len(masks),
-                "pruned": sum(pruned.values()), "pruned_per_layer": pruned,
-                "mask_below_threshold": int((masks < s.threshold).sum()),
-                "lowest_masks": [round(float(v), 3) for v in masks.sort().values[:10]],
-                "final_loss": losses[-1] if losses else None}
+        return DefenseResult(asdict(s), {
+            "neuron_layers": kind, "neurons": len(masks), "pruned": sum(pruned.values()),
+            "pruned_per_layer": pruned, "mask_below_threshold": int((masks < s.threshold).sum()),
+            "lowest_masks": [round(float(v), 3) for v in masks.sort().values[:10]],
+            "final_loss": losses[-1] if losses else None})
 
     def _optimise(self, ctx: DefenseContext, anp: NeuronPerturbation) -> list[float]:
         s = self.settings

@@ -22,7 +22,7 @@ from bdaudit.core.data import ImageSet
 from bdaudit.core.errors import BdauditError
 from bdaudit.core.heads import SCOPES, body_eval, freeze_body, head_of
 
-__all__ = ["DEFENSES", "SCOPES", "Defense", "DefenseContext", "create_defense", "register_defense"]
+__all__ = ["DEFENSES", "SCOPES", "Defense", "DefenseContext", "DefenseResult", "create_defense", "register_defense"]
 from bdaudit.engine.loop import BatchTransform, Runtime
 
 DEFENSES: dict[str, type[Defense]] = {}
@@ -73,6 +73,34 @@ class DefenseContext:
         return Runtime(self.gen, self.device)
 
 
+@dataclass
+class DefenseResult:
+    """What a defense did: the settings it used, the schedule it ran and how its peak was chosen
+    (rate-schedule defenses), what it found or changed (``details``, per defense), a ``note`` when
+    it left the model unchanged, and the scan-flagged triggers it unlearned (set by the workflow)."""
+
+    settings: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] | None = None
+    peak_selection: dict[str, Any] | None = None
+    note: str | None = None
+    unlearning: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``hyperparameters`` (keys as before the type existed; absent ones omitted)."""
+        out: dict[str, Any] = {"settings": self.settings}
+        if self.schedule is not None:
+            out["schedule"] = self.schedule
+        if self.peak_selection is not None:
+            out["peak_selection"] = self.peak_selection
+        out.update(self.details)
+        if self.note is not None:
+            out["note"] = self.note
+        if self.unlearning is not None:
+            out["unlearning"] = self.unlearning
+        return out
+
+
 class Defense:
     """Base class: set ``name``, ``paper``, ``needs``, ``settings_cls``; implement ``run``."""
 
@@ -84,7 +112,7 @@ class Defense:
     def __init__(self, settings: Any = None) -> None:
         self.settings = settings if settings is not None else self.settings_cls()
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
 
 

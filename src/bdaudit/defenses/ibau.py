@@ -44,7 +44,6 @@ Knobs: ``rounds`` (official 5), ``outer_epochs`` (passes over the clean data per
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +51,7 @@ from torch import nn
 
 from bdaudit.core.data import ImageSet, to_float
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.engine.recipe import check_lr, check_optimizer, make_optimizer
 
 INNER_REG = 1e-3  # the official inner loss's weight on |delta|^2
@@ -143,7 +142,7 @@ class IBAU(Defense):
     settings_cls = IBAUSettings
     settings: IBAUSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         if ctx.scope != "full":
             raise BdauditError("method ibau unlearns with the whole network; set `scope` to full")
         s = self.settings
@@ -170,4 +169,4 @@ class IBAU(Defense):
             if ctx.on_epoch is not None:
                 ctx.on_epoch(round_, s.lr, loss)
         classifier.eval()
-        return {"settings": asdict(s), "rounds": rounds}
+        return DefenseResult(asdict(s), {"rounds": rounds})

@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ from torch import nn
 
 from bdaudit.core.data import to_float
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.layers import capture_outputs
 from bdaudit.defenses.tuning import RateSettings, fine_tune
 from bdaudit.engine.schedules import Constant
@@ -178,7 +177,7 @@ class NeuralAttentionDistillation(Defense):
     settings_cls = NADSettings
     settings: NADSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
         if ctx.scope != "full":
             raise BdauditError("nad distils the intermediate layers, so it tunes the whole model; set `scope` to full")
@@ -200,4 +199,4 @@ class NeuralAttentionDistillation(Defense):
 
         lr_at = s.lr_function(len(ctx.tune))
         fine_tune(ctx, s, lr_at, loss_fn=loss_fn)
-        return {"settings": asdict(s), "layers": names}
+        return DefenseResult(asdict(s), {"layers": names})

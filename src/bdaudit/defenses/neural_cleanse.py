@@ -31,10 +31,9 @@ Knobs (``bdaudit clean --method nc``):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.tuning import TuneSettings, fine_tune
 from bdaudit.detect.inversion import InversionResult, InversionSettings, invert_triggers
 from bdaudit.engine.recipe import check_lr
@@ -86,20 +85,20 @@ class NeuralCleanse(Defense):
     settings_cls = NCSettings
     settings: NCSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         if ctx.scope != "full":
             raise BdauditError("method nc unlearns with the whole network; set `scope` to full")
         s = self.settings
         result = invert_triggers(ctx.classifier, ctx.tune, settings=s.inversion(), device=ctx.device, gen=ctx.gen)
-        out: dict[str, Any] = {"settings": asdict(s), "inversion": result.to_dict(), "flagged": list(result.flagged),
-                               "unlearned": False}
+        out = DefenseResult(asdict(s), {"inversion": result.to_dict(), "flagged": list(result.flagged),
+                                        "unlearned": False})
         if not result.flagged:
-            out["note"] = (f"no class's reversed trigger is an outlier ({s.anomaly_scale} anomaly index <= "
-                           f"{s.anomaly_threshold:g} for every class below the median): Neural Cleanse "
-                           "found no backdoor and left the model unchanged")
+            out.note = (f"no class's reversed trigger is an outlier ({s.anomaly_scale} anomaly index <= "
+                        f"{s.anomaly_threshold:g} for every class below the median): Neural Cleanse "
+                        "found no backdoor and left the model unchanged")
             return out
         unlearn(ctx, s, result)
-        out["unlearned"] = True
+        out.details["unlearned"] = True
         return out
 
 

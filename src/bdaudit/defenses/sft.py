@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.ftsam import SAMStep
 from bdaudit.defenses.tuning import TuneSettings, fine_tune
 from bdaudit.engine.lr_range import RangeTestSettings, lr_range_test
@@ -119,12 +119,11 @@ class SuperFineTuning(Defense):
     settings_cls = SFTSettings
     settings: SFTSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         if self.settings.reinit_head:
             reinit_head(ctx)
         peak1, selection = choose_peak1(ctx, self.settings)
         schedule = build_schedule(self.settings, len(ctx.tune), peak1)
         sam = SAMStep(self.settings.sam_rho, adaptive=True) if self.settings.sam_rho else None
         fine_tune(ctx, self.settings, schedule, step_fn=sam)
-        return {"settings": asdict(self.settings), "schedule": asdict(schedule),
-                "peak_selection": selection}
+        return DefenseResult(asdict(self.settings), schedule=asdict(schedule), peak_selection=selection)

@@ -104,9 +104,10 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
     unlearn = plan_unlearning(triggers, flagged, unlearn_fraction, unlearn_family)
     ctx = DefenseContext(classifier=classifier, config=loaded.config, tune=split.tune, device=device,
                          gen=gen, scope=scope, on_epoch=record if track_history else None, unlearn=unlearn)
-    used = defense.run(ctx)
+    result = defense.run(ctx)
     if unlearn is not None and ctx.extras.get("unlearning_applied"):
-        used["unlearning"] = unlearn.describe()
+        result.unlearning = unlearn.describe()
+    used = result.to_dict()
     classifier.eval()
     after = evaluate_triggers(classifier, split.heldout, triggers, device=device, batch_size=batch_size,
                               targets=targets, gates=gates.scan)
