@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,19 @@ from bdaudit.engine.loop import accuracy
 from bdaudit.triggers import Trigger
 
 EpochCallback = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class PlantOptions:
+    """How a plant run is held, whatever the paradigm: the held-out split (``eval_dir`` or a
+    ``holdout`` share), the seed, the device and how the output is written."""
+
+    eval_dir: str | Path | None = None
+    holdout: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    force: bool = False  # replace an existing output
+    half: bool = False  # save float16 weights
 
 
 def check_output(out: Path, force: bool) -> None:

@@ -25,6 +25,7 @@ from bdaudit.detect.probe import evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import Hooks, LrFunction, Runtime, accuracy, fit
 from bdaudit.engine.recipe import Recipe, check_lr, warm_cosine
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, save_model
+from bdaudit.planting.common import PlantOptions, check_output
 
 CLEAN = "none"  # --attack none plants nothing: a clean reference model
 
@@ -128,24 +129,35 @@ def measure(classifier: torch.nn.Module, split: DataSplit, attack: Attack | None
     return {"clean_accuracy": result.clean_accuracy, "asr": probe.asr, "null_asr": probe.null_asr}
 
 
-def plant(data_dir: str | Path, out: str | Path, *, attack: str = "badnets", target: int = 0,
-          poison_rate: float = 0.1, arch: str = "bd_cnn_small",
-          trigger_params: dict[str, Any] | None = None, settings: TrainSettings | None = None,
-          eval_dir: str | Path | None = None, holdout: float = 0.2, seed: int = 0,
-          device: str = "auto", force: bool = False, half: bool = False,
+@dataclass(frozen=True)
+class AttackChoice:
+    """The attack to plant: a registered ``name`` (or ``none`` for a clean reference), its
+    ``target`` class, the share of training images it poisons and its trigger's parameters."""
+
+    name: str = "badnets"
+    target: int = 0
+    poison_rate: float = 0.1
+    trigger_params: dict[str, Any] | None = None
+
+
+def plant(data_dir: str | Path, out: str | Path, *, attack: AttackChoice | None = None,
+          arch: str = "bd_cnn_small", settings: TrainSettings | None = None,
+          options: PlantOptions | None = None,
           on_epoch: Callable[[int, float], None] | None = None) -> PlantResult:
     """Train a backdoored model from scratch (standalone paradigm) and save it with provenance."""
     started = time.perf_counter()
     settings = settings or TrainSettings()
+    attack = attack or AttackChoice()
+    o = options or PlantOptions()
+    seed, force, half, target = o.seed, o.force, o.half, attack.target
     out = Path(out)
-    if out.exists() and not force:
-        raise BdauditError(f"output {out} already exists; choose another path or set `force`")
-    chosen = resolve_attack(attack, target, poison_rate, trigger_params)
+    check_output(out, force)
+    chosen = resolve_attack(attack.name, target, attack.poison_rate, attack.trigger_params)
     config = infer_model_config(Path(data_dir), arch, hflip=settings.hflip)
-    split = resolve_data(data_dir, config, holdout, seed, eval_dir)
+    split = resolve_data(data_dir, config, o.holdout, seed, o.eval_dir)
     _check_target(target, split)
     gen = seed_everything(seed)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(o.device)
     net = build_model(config)
     classifier = train_standalone(net, config, split, chosen, settings, gen, torch_device, on_epoch)
     metrics = measure(classifier, split, chosen, torch_device)

@@ -23,6 +23,7 @@ from bdaudit.engine.loop import Hooks, Runtime, fit
 from bdaudit.models.checkpoint import LoadedModel, load_model, save_model
 from bdaudit.planting.common import (
     EpochCallback,
+    PlantOptions,
     check_output,
     measure_trigger,
     rounded,
@@ -78,9 +79,7 @@ def _check_mode(mode: str) -> None:
 
 def plant_transfer(upstream: str | Path, downstream_dir: str | Path, out: str | Path, *,
                    mode: str = "full", settings: TrainSettings | None = None,
-                   eval_dir: str | Path | None = None, holdout: float = 0.2, seed: int = 0,
-                   device: str = "auto", force: bool = False, half: bool = False,
-                   on_epoch: EpochCallback | None = None) -> PlantResult:
+                   options: PlantOptions | None = None, on_epoch: EpochCallback | None = None) -> PlantResult:
     """Fine-tune a backdoored upstream model on clean downstream data, as a victim would.
 
     ``mode="full"`` trains every weight, ``mode="head"`` only the classifier head (the body,
@@ -94,14 +93,16 @@ def plant_transfer(upstream: str | Path, downstream_dir: str | Path, out: str | 
     started = time.perf_counter()
     _check_mode(mode)
     settings = settings or TRANSFER_SETTINGS
+    o = options or PlantOptions()
+    seed, force, half = o.seed, o.force, o.half
     out = Path(out)
     check_output(out, force)
     loaded = load_model(upstream)
     trigger, target = upstream_trigger(loaded)
     config, new_head = victim_config(loaded.config, Path(downstream_dir))
-    split = resolve_data(downstream_dir, config, holdout, seed, eval_dir)
+    split = resolve_data(downstream_dir, config, o.holdout, seed, o.eval_dir)
     gen = seed_everything(seed)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(o.device)
     net = loaded.net
     classifier = loaded.classifier()
     if new_head:
