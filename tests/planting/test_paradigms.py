@@ -101,7 +101,7 @@ def test_transfer_to_new_classes_resets_the_head(badnets_model: PlantResult, cle
 
 
 def test_transfer_rejects_bad_inputs(badnets_model: PlantResult, clean_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(BdauditError, match="mode must be one of full, head"):
+    with pytest.raises(BdauditError, match="`mode` must be one of full, head"):
         plant_transfer(badnets_model.path, clean_dir, tmp_path / "x.safetensors", mode="body")
     anonymous = load_model(badnets_model.path)
     bare = tmp_path / "bare.safetensors"

@@ -243,11 +243,12 @@ def plant_encoder(data_dir: str | Path, out: str | Path, *, backdoor: EncoderBac
     out = Path(out)
     check_output(out, o.force)
     chosen = parse_trigger(backdoor.trigger)
+    # Seeded before the model is built: its initial weights are a random choice too.
+    gen = seed_everything(seed)
     net, config, source = _start(Path(data_dir), arch, pretrained)
     split = resolve_data(data_dir, config, o.holdout, seed, o.eval_dir)
     _check_target(target, split)
     check_trigger_fits(chosen, split.tune)
-    gen = seed_everything(seed)
     torch_device = resolve_device(o.device)
     classifier = NormalizedClassifier(net, config)
     report = on_epoch or (lambda phase, epoch, loss: None)
