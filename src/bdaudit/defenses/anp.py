@@ -64,7 +64,7 @@ from bdaudit.core.data import to_float
 from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.layers import conv_layers, norm_layers
-from bdaudit.engine.recipe import Augment
+from bdaudit.engine.recipe import Augment, check_lr
 
 REPORTS = 10  # ctx.on_epoch calls over the optimisation
 MASK_MOMENTUM = 0.9
@@ -95,8 +95,7 @@ class ANPSettings:
             raise BdauditError(f"`pgd_steps` must be at least 1, not {self.pgd_steps}")
         if not 0.0 <= self.alpha <= 1.0:
             raise BdauditError(f"`alpha` must be in [0, 1], not {self.alpha}")
-        if not 0.0 < self.mask_lr <= 10.0:
-            raise BdauditError(f"`mask_lr` must be in (0, 10], not {self.mask_lr}")
+        check_lr(self.mask_lr, "mask_lr")
         if not 0.0 <= self.threshold <= 1.0:
             raise BdauditError(f"`threshold` must be in [0, 1], not {self.threshold}")
         if self.prune_fraction is not None and not 0.0 <= self.prune_fraction < 1.0:

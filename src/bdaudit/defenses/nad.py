@@ -48,6 +48,7 @@ from bdaudit.core.errors import BdauditError
 from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.layers import capture_outputs
 from bdaudit.defenses.tuning import RateSettings, fine_tune
+from bdaudit.engine.recipe import check_lr
 from bdaudit.engine.schedules import Constant
 
 
@@ -64,8 +65,7 @@ class NADSettings(RateSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.teacher_lr <= 10.0:
-            raise BdauditError(f"`teacher_lr` must be in (0, 10], not {self.teacher_lr}")
+        check_lr(self.teacher_lr, "teacher_lr")
         if not self.beta >= 0:
             raise BdauditError(f"`beta` must be >= 0, not {self.beta}")
         if not self.power > 0:
