@@ -236,8 +236,7 @@ class AdversarialNeuronPruning(Defense):
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
-        if ctx.scope != "full":
-            raise BdauditError("method anp prunes neurons across the whole model; set `scope` to full")
+        ctx.require_full_scope(self.name, "prunes neurons across the whole model")
         kind, layers = neuron_layers(ctx.net)
         ctx.classifier.to(ctx.device, memory_format=torch.channels_last)
         net = ctx.net

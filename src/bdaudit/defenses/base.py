@@ -69,6 +69,11 @@ class DefenseContext:
             return list(self.net.parameters())
         return freeze_body(self.net, self.head())
 
+    def require_full_scope(self, method: str, why: str) -> None:
+        """For defenses that change the body too: scope head would silently train something else."""
+        if self.scope != "full":
+            raise BdauditError(f"method {method} {why}; set `scope` to full")
+
     def runtime(self) -> Runtime:
         return Runtime(self.gen, self.device)
 

@@ -149,8 +149,7 @@ class FinePruning(Defense):
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
-        if ctx.scope != "full":
-            raise BdauditError("method fp prunes and fine-tunes the whole model; set `scope` to full")
+        ctx.require_full_scope(self.name, "prunes and fine-tunes the whole model")
         head = linear_head(ctx.net, ctx.config)
         plan = plan_pruning(head_features(ctx, head), ctx.tune.labels, head, s)
         mask = plan.mask()

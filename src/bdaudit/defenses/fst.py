@@ -75,8 +75,7 @@ class FeatureShiftTuning(Defense):
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
-        if ctx.scope != "full":
-            raise BdauditError("fst tunes the whole model (it shifts the body's features); set `scope` to full")
+        ctx.require_full_scope(self.name, "tunes the whole model (it shifts the body's features)")
         ctx.classifier.to(ctx.device)
         head = linear_head(ctx.net, ctx.config)
         original = head.weight.detach().clone()

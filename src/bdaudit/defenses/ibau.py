@@ -143,8 +143,7 @@ class IBAU(Defense):
     settings: IBAUSettings
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
-        if ctx.scope != "full":
-            raise BdauditError("method ibau unlearns with the whole network; set `scope` to full")
+        ctx.require_full_scope(self.name, "unlearns with the whole network")
         s = self.settings
         classifier = ctx.classifier.to(ctx.device, memory_format=torch.channels_last)
         params = [p for p in ctx.net.parameters() if p.requires_grad]

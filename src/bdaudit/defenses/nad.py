@@ -179,8 +179,7 @@ class NeuralAttentionDistillation(Defense):
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
-        if ctx.scope != "full":
-            raise BdauditError("nad distils the intermediate layers, so it tunes the whole model; set `scope` to full")
+        ctx.require_full_scope(self.name, "distils the intermediate layers, so it tunes the whole model")
         names = resolve_layers(ctx, s)
         teacher = train_teacher(ctx, s)
         student_modules = [ctx.net.get_submodule(n) for n in names]

@@ -86,8 +86,7 @@ class NeuralCleanse(Defense):
     settings: NCSettings
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
-        if ctx.scope != "full":
-            raise BdauditError("method nc unlearns with the whole network; set `scope` to full")
+        ctx.require_full_scope(self.name, "unlearns with the whole network")
         s = self.settings
         result = invert_triggers(ctx.classifier, ctx.tune, settings=s.inversion(), device=ctx.device, gen=ctx.gen)
         out = DefenseResult(asdict(s), {"inversion": result.to_dict(), "flagged": list(result.flagged),
