@@ -23,9 +23,9 @@ Knobs (``bdaudit clean --method nc``):
   ``success_threshold`` (the attack success the schedule holds, 0.99), ``anomaly_threshold`` (2),
   ``anomaly_scale`` (``log``, the default: the paper's rule on log norms, a bdaudit extension — see
   ``bdaudit.detect.inversion`` — or ``l1``, the paper's rule);
-- unlearning: ``epochs``, ``batch_size``, ``lr`` (constant), ``optimizer``, ``momentum``,
-  ``weight_decay``, ``augment_pad`` (as ``ft``), and ``poison_fraction`` — the fraction of each
-  batch stamped with a reversed trigger (the paper: 20 %).
+- unlearning: ``epochs``, ``min_steps``, ``batch_size``, ``lr`` (constant), ``optimizer``,
+  ``momentum``, ``weight_decay``, ``augment_pad`` (as ``ft``, through the same tuning loop), and
+  ``poison_fraction`` — the fraction of each batch stamped with a reversed trigger (the paper: 20 %).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Half of the stamped images get a fresh member of the trigger's family (same para
 seed) rather than the flagged instance, so the model unlearns the family — what Blended, WaNet and
 low-frequency backdoors actually learn — not one pattern. Images are stamped before augmentation.
 
-It applies to every defense that tunes through ``tuning.fine_tune`` (ft, sft, ftsam, fst, nad, fp)
+It applies to every defense that tunes through ``tuning.fine_tune`` (ft, sft, ftsam, fst, nad, fp, nc)
 and only when the scan flagged something: a model without a flagged trigger is tuned as before.
 """
 
