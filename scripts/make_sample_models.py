@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from bdaudit.planting import plant_encoder
-from bdaudit.planting.plant import PlantResult, TrainSettings, plant
+from bdaudit.planting import EncoderBackdoor, PlantOptions, plant_encoder
+from bdaudit.planting.plant import AttackChoice, PlantResult, TrainSettings, plant
 
 DATA = Path("sample_data/mnist")
 SETTINGS = TrainSettings(epochs=12, lr=0.05, batch_size=128)
@@ -55,10 +55,11 @@ def manifest_entry(name: str, result: PlantResult) -> dict[str, Any]:
 
 def plant_encoders(out: Path) -> dict[str, PlantResult]:
     """A clean SimCLR encoder + linear head, and the same encoder backdoored BadEncoder-style."""
-    clean = plant_encoder(DATA / "train", out / "encoder_clean.safetensors", trigger="badnets", target=TARGET,
-                          clean_encoder=True, eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True)
-    bad = plant_encoder(DATA / "train", out / "badencoder.safetensors", trigger="badnets", target=TARGET,
-                        pretrained=clean.path, eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True)
+    options = PlantOptions(eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True)
+    clean = plant_encoder(DATA / "train", out / "encoder_clean.safetensors",
+                          backdoor=EncoderBackdoor("badnets", TARGET, clean=True), options=options)
+    bad = plant_encoder(DATA / "train", out / "badencoder.safetensors", backdoor=EncoderBackdoor("badnets", TARGET),
+                        pretrained=clean.path, options=options)
     return {"encoder_clean": clean, "badencoder": bad}
 
 
@@ -74,10 +75,9 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         started = time.perf_counter()
-        result = plant(DATA / "train", args.out / f"{name}.safetensors", attack=attack,
-                       target=TARGET, poison_rate=rate or 0.1, trigger_params=params,
-                       settings=SETTINGS, eval_dir=DATA / "eval", seed=SEED, device="cpu",
-                       force=True)
+        result = plant(DATA / "train", args.out / f"{name}.safetensors",
+                       attack=AttackChoice(attack, TARGET, rate or 0.1, params), settings=SETTINGS,
+                       options=PlantOptions(eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True))
         models[name] = manifest_entry(name, result)
         print(f"{name}: {models[name]} ({time.perf_counter() - started:.0f}s)", flush=True)
         manifest["data"] = {"train": str(DATA / "train"), "eval": str(DATA / "eval"),

@@ -16,7 +16,8 @@ from bdaudit.core.data import ImageSet, Preprocessing, load_image_folder, to_flo
 from bdaudit.core.errors import BdauditError, TriggerError
 from bdaudit.detect.probe import evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, load_model
-from bdaudit.planting.plant import PlantResult, plant, resolve_attack
+from bdaudit.planting.common import PlantOptions
+from bdaudit.planting.plant import AttackChoice, PlantResult, plant, resolve_attack
 from bdaudit.triggers import default_triggers, parse_trigger
 from bdaudit.triggers.base import model_triggers
 
@@ -30,9 +31,9 @@ def input_aware_model(train_dir: Path, eval_dir: Path, models_dir: Path) -> Plan
     Cross-trigger rows at a quarter of the backdoor rows: at this budget (128 steps) the paper's
     1x leaves backdoor and cross rows in a tug of war (ASR 0.61-0.96 over seeds 0-2), while 0.25
     gave 0.84-0.98, every one flagged by scan; the 4,000-image sample setting handles 1x."""
-    return plant(train_dir, models_dir / "input_aware.safetensors", attack="input_aware",
-                 target=0, poison_rate=0.1, arch="bd_cnn_tiny", trigger_params={"cross_ratio": 0.25},
-                 settings=TINY_SETTINGS, eval_dir=eval_dir, seed=0, device="cpu")
+    return plant(train_dir, models_dir / "input_aware.safetensors",
+                 attack=AttackChoice("input_aware", 0, 0.1, {"cross_ratio": 0.25}), arch="bd_cnn_tiny",
+                 settings=TINY_SETTINGS, options=PlantOptions(eval_dir=eval_dir, device="cpu"))
 
 
 @pytest.fixture(scope="module")

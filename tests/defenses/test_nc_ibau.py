@@ -157,15 +157,15 @@ def test_ibau_unlearns_badnets(badnets_model: PlantResult, clean_dir: Path, eval
 
 
 @pytest.mark.parametrize(("method", "settings", "message"), [
-    ("ibau", {"inner_steps": 0}, "--inner-steps must be at least 1, not 0"),
-    ("ibau", {"eps": -1.0}, "--eps must be > 0"),
-    ("ibau", {"fixed_point_iters": -1}, "--fixed-point-iters must be >= 0"),
-    ("ibau", {"perturb_fraction": 0.0}, "--perturb-fraction must be in (0, 1]"),
-    ("nc", {"poison_fraction": 1.5}, "--poison-fraction must be in (0, 1]"),
+    ("ibau", {"inner_steps": 0}, "`inner_steps` must be at least 1, not 0"),
+    ("ibau", {"eps": -1.0}, "`eps` must be > 0"),
+    ("ibau", {"fixed_point_iters": -1}, "`fixed_point_iters` must be >= 0"),
+    ("ibau", {"perturb_fraction": 0.0}, "`perturb_fraction` must be in (0, 1]"),
+    ("nc", {"poison_fraction": 1.5}, "`poison_fraction` must be in (0, 1]"),
     ("nc", {"inversion_steps": 0}, "--inversion-steps must be at least 1, not 0"),
     ("nc", {"anomaly_threshold": 0}, "--anomaly-threshold must be > 0"),
     ("nc", {"anomaly_scale": "sqrt"}, "--anomaly-scale must be l1 or log"),
-    ("nc", {"epochs": 0}, "--epochs must be between 1 and"),
+    ("nc", {"epochs": 0}, "`epochs` must be between 1 and"),
 ])
 def test_bad_settings_are_refused(method: str, settings: dict, message: str) -> None:
     with pytest.raises(BdauditError, match=re.escape(message)):
@@ -178,5 +178,49 @@ def test_head_scope_is_refused(method: str, badnets_model: PlantResult, clean_di
     split = resolve_data(clean_dir, loaded.config, eval_dir=eval_dir)
     ctx = DefenseContext(classifier=loaded.classifier(), config=loaded.config, tune=split.tune,
                          device=torch.device("cpu"), gen=torch.Generator().manual_seed(0), scope="head")
-    with pytest.raises(BdauditError, match="use --scope full"):
+    with pytest.raises(BdauditError, match="set `scope` to full"):
         create_defense(method).run(ctx)
+
+
+class _Flagged:
+    """An inversion result that flagged class 0 with a fixed square (no inversion run)."""
+
+    flagged = (0,)
+
+    def trigger(self, _cls: int) -> object:
+        class Square:
+            def apply(self, x: torch.Tensor) -> torch.Tensor:
+                x = x.clone()
+                x[..., -4:, -4:] = 1.0
+                return x
+        return Square()
+
+
+def _nc_epochs(badnets_model: PlantResult, clean_dir: Path, **settings: object) -> tuple[int, int]:
+    """Epochs Neural Cleanse's unlearning ran and batches the scan's unlearning hook saw."""
+    from bdaudit.defenses.neural_cleanse import unlearn
+
+    loaded = load_model(badnets_model.path)
+    split = resolve_data(clean_dir, loaded.config)
+    epochs: list[int] = []
+    hooked: list[int] = []
+
+    def hook(x, y, index, gen):
+        hooked.append(len(y))
+        return x, y
+
+    ctx = DefenseContext(classifier=loaded.classifier(), config=loaded.config, tune=split.tune,
+                         device=torch.device("cpu"), gen=torch.Generator().manual_seed(0),
+                         on_epoch=lambda epoch, lr, loss: epochs.append(epoch), unlearn=hook)
+    unlearn(ctx, create_defense("nc", settings).settings, _Flagged())
+    return len(epochs), len(hooked)
+
+
+def test_nc_unlearning_honours_min_steps_and_the_unlearning_hook(badnets_model: PlantResult,
+                                                                 clean_dir: Path) -> None:
+    # Before the shared loop, nc ran `epochs` epochs whatever min_steps said and skipped the hook.
+    n = len(resolve_data(clean_dir, load_model(badnets_model.path).config).tune)
+    per_epoch = -(-n // 64)
+    epochs, hooked = _nc_epochs(badnets_model, clean_dir, epochs="1", min_steps=str(3 * per_epoch))
+    assert epochs == 3 and hooked == 3 * per_epoch
+    assert _nc_epochs(badnets_model, clean_dir, epochs="1", min_steps="0")[0] == 1

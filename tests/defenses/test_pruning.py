@@ -60,12 +60,12 @@ def test_fine_pruning_removes_badnets(badnets_model: PlantResult, clean_dir: Pat
 
 
 @pytest.mark.parametrize(("params", "flag"), [
-    ({"prune_ratio_max": 2}, "--prune-ratio-max"),
-    ({"prune_ratio_max": -0.1}, "--prune-ratio-max"),
-    ({"accuracy_tolerance": 1.5}, "--accuracy-tolerance"),
-    ({"lr": 0}, "--lr"),
-    ({"schedule": "step"}, "--schedule"),
-    ({"epochs": 0}, "--epochs"),
+    ({"prune_ratio_max": 2}, "`prune_ratio_max`"),
+    ({"prune_ratio_max": -0.1}, "`prune_ratio_max`"),
+    ({"accuracy_tolerance": 1.5}, "`accuracy_tolerance`"),
+    ({"lr": 0}, "`lr`"),
+    ({"schedule": "step"}, "`schedule`"),
+    ({"epochs": 0}, "`epochs`"),
 ])
 def test_fine_pruning_rejects_bad_settings(params: dict, flag: str) -> None:
     with pytest.raises(BdauditError, match=flag):
@@ -105,7 +105,7 @@ def test_fine_pruning_mask_holds_through_fine_tuning(loaded: LoadedModel, tune: 
     ctx = context(loaded, tune, on_epoch=on_epoch)
     ctx_head = linear_head(ctx.net, ctx.config)
     keys = list(ctx.net.state_dict())
-    result = create_defense("fp", settings).run(ctx)
+    result = create_defense("fp", settings).run(ctx).details
     assert result["pruned"] == plan.pruned
     assert seen == [0.0, 0.0]  # the pruned columns never moved while the rest trained
     assert (ctx_head.weight == 0).all(0).nonzero().flatten().sort().values.tolist() == pruned.sort().values.tolist()
@@ -119,7 +119,7 @@ def test_fine_pruning_mask_holds_through_fine_tuning(loaded: LoadedModel, tune: 
 
 
 def test_fine_pruning_refuses_head_scope(loaded: LoadedModel, tune: ImageSet) -> None:
-    with pytest.raises(BdauditError, match="--scope full"):
+    with pytest.raises(BdauditError, match="set `scope` to full"):
         create_defense("fp").run(context(loaded, tune, scope="head"))
 
 
@@ -144,13 +144,13 @@ def test_anp_removes_badnets(badnets_model: PlantResult, clean_dir: Path, eval_d
 
 
 @pytest.mark.parametrize(("params", "flag"), [
-    ({"eps": 2}, "--eps"),
-    ({"alpha": 1.5}, "--alpha"),
-    ({"threshold": -0.1}, "--threshold"),
-    ({"prune_fraction": 1.0}, "--prune-fraction"),
-    ({"iterations": 0}, "--iterations"),
-    ({"mask_lr": 0}, "--mask-lr"),
-    ({"pgd_steps": 0}, "--pgd-steps"),
+    ({"eps": 2}, "`eps`"),
+    ({"alpha": 1.5}, "`alpha`"),
+    ({"threshold": -0.1}, "`threshold`"),
+    ({"prune_fraction": 1.0}, "`prune_fraction`"),
+    ({"iterations": 0}, "`iterations`"),
+    ({"mask_lr": 0}, "`mask_lr`"),
+    ({"pgd_steps": 0}, "`pgd_steps`"),
 ])
 def test_anp_rejects_bad_settings(params: dict, flag: str) -> None:
     with pytest.raises(BdauditError, match=flag):
@@ -161,7 +161,7 @@ def test_anp_prunes_only_and_restores_everything_else(loaded: LoadedModel, tune:
     settings = {"iterations": 4, "batch_size": 32, "prune_fraction": 0.05}
     ctx = context(loaded, tune)
     before = {k: v.clone() for k, v in ctx.net.state_dict().items()}
-    result = create_defense("anp", settings).run(ctx)
+    result = create_defense("anp", settings).run(ctx).details
     after = ctx.net.state_dict()
     assert list(after) == list(before)
     assert hook_count(ctx.classifier) == 0
@@ -175,7 +175,7 @@ def test_anp_prunes_only_and_restores_everything_else(loaded: LoadedModel, tune:
     assert zeroed == result["pruned"]
     # Same seed, same masks, same pruning.
     again = context(loaded, tune)
-    assert create_defense("anp", settings).run(again) == result
+    assert create_defense("anp", settings).run(again).details == result
     assert all(torch.equal(v, again.net.state_dict()[k]) for k, v in after.items())
 
 
@@ -221,5 +221,5 @@ def test_anp_selects_by_threshold_or_fraction() -> None:
 
 
 def test_anp_refuses_head_scope(loaded: LoadedModel, tune: ImageSet) -> None:
-    with pytest.raises(BdauditError, match="--scope full"):
+    with pytest.raises(BdauditError, match="set `scope` to full"):
         create_defense("anp").run(context(loaded, tune, scope="head"))

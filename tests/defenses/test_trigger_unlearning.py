@@ -53,7 +53,7 @@ def test_nothing_flagged_or_zero_fraction_means_no_unlearning() -> None:
     assert plan_unlearning([trigger], [False], 0.3) is None
     assert plan_unlearning([trigger], [True], 0.0) is None
     assert plan_unlearning([trigger], [True], 0.3) is not None
-    with pytest.raises(BdauditError, match="--unlearn-fraction"):
+    with pytest.raises(BdauditError, match="`unlearn_fraction`"):
         plan_unlearning([trigger], [False], 1.0)
 
 

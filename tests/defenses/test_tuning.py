@@ -78,15 +78,15 @@ def test_nad_removes_the_backdoor(badnets_model: PlantResult, clean_dir: Path, e
 
 
 @pytest.mark.parametrize(("method", "params", "flag"), [
-    ("ftsam", {"rho": -1}, "--rho must be > 0, not -1"),
-    ("ftsam", {"schedule": "step"}, "--schedule"),
-    ("fst", {"alpha": -0.5}, "--alpha must be >= 0"),
-    ("fst", {"lr": 0}, "--lr"),
-    ("nad", {"beta": -1}, "--beta must be >= 0"),
-    ("nad", {"teacher_epochs": 0}, "--teacher-epochs"),
-    ("nad", {"power": 0}, "--power"),
+    ("ftsam", {"rho": -1}, "`rho` must be > 0, not -1"),
+    ("ftsam", {"schedule": "step"}, "`schedule`"),
+    ("fst", {"alpha": -0.5}, "`alpha` must be >= 0"),
+    ("fst", {"lr": 0}, "`lr`"),
+    ("nad", {"beta": -1}, "`beta` must be >= 0"),
+    ("nad", {"teacher_epochs": 0}, "`teacher_epochs`"),
+    ("nad", {"power": 0}, "`power`"),
 ])
-def test_bad_settings_are_refused_naming_the_flag(method: str, params: dict, flag: str) -> None:
+def test_bad_settings_are_refused_naming_the_field(method: str, params: dict, flag: str) -> None:
     with pytest.raises(BdauditError, match=flag):
         create_defense(method, params)
 
@@ -98,7 +98,7 @@ def test_settings_are_coerced_from_strings() -> None:
 
 @pytest.mark.parametrize("method", ["nad", "fst"])
 def test_nad_and_fst_refuse_head_scope(method: str, badnets_model: PlantResult, clean_dir: Path) -> None:
-    with pytest.raises(BdauditError, match="--scope full"):
+    with pytest.raises(BdauditError, match="set `scope` to full"):
         create_defense(method, {"epochs": 1}).run(context(badnets_model, clean_dir, scope="head"))
 
 
@@ -180,7 +180,7 @@ def test_fst_reinitialises_the_head_keeps_its_norm_and_turns_it_away(badnets_mod
     for alpha in (0.0, 0.3):
         ctx = context(badnets_model, clean_dir)
         original = ctx.net.fc.weight.detach().clone()
-        used = create_defense("fst", {"epochs": 1, "min_steps": 0, "alpha": alpha}).run(ctx)
+        used = create_defense("fst", {"epochs": 1, "min_steps": 0, "alpha": alpha}).run(ctx).details
         weight = ctx.net.fc.weight.detach()
         assert float(weight.norm()) == pytest.approx(float(original.norm()), rel=1e-4)  # projected
         assert used["head_norm"] == pytest.approx(float(original.norm()), rel=1e-5)
@@ -217,7 +217,7 @@ def test_stage_outputs_picks_the_last_module_of_each_resolution() -> None:
     x = torch.rand(2, 1, 16, 16)
     assert stage_outputs(net, net, x, 3) == ["1", "5", "8"]  # 16x16, 8x8, 4x4; the 1x1 pool is no stage
     assert stage_outputs(net, net, x, 2) == ["5", "8"]
-    with pytest.raises(BdauditError, match="--layers"):
+    with pytest.raises(BdauditError, match="`layers`"):
         stage_outputs(nn.Flatten(), nn.Sequential(nn.Flatten()), x, 3)
 
 
@@ -225,7 +225,7 @@ def test_nad_teacher_is_frozen_and_the_student_moves(badnets_model: PlantResult,
     ctx = context(badnets_model, clean_dir)
     before = copy.deepcopy(ctx.net.state_dict())
     settings = {"epochs": 1, "min_steps": 0, "teacher_epochs": 1, "layers": "features.9, features"}
-    used = create_defense("nad", settings).run(ctx)
+    used = create_defense("nad", settings).run(ctx).details
     assert used["layers"] == ["features.9", "features"]
     assert any(not torch.equal(before[k], v) for k, v in ctx.net.state_dict().items())
     with pytest.raises(BdauditError, match="no module 'nope'"):
@@ -241,7 +241,7 @@ def test_sft_with_sam_steps_removes_the_backdoor(badnets_model: PlantResult, cle
     # SAM's ascent on top of SFT's high phase-1 peak costs accuracy on this tiny model (and ~3-5
     # points on the bench's samples), which is why it is an option and not the default.
     assert result["acc_before"] - result["acc_after"] <= 0.25
-    with pytest.raises(BdauditError, match="--sam-rho must be > 0"):
+    with pytest.raises(BdauditError, match="`sam_rho` must be > 0"):
         create_defense("sft", {"sam_rho": -1})
 
 
@@ -251,3 +251,13 @@ def test_a_mistyped_boolean_setting_is_refused_not_read_as_false() -> None:
         create_defense("ftsam", {"adaptive": "flase"})
     assert create_defense("ftsam", {"adaptive": "false"}).settings.adaptive is False
     assert create_defense("ftsam", {"adaptive": "Yes"}).settings.adaptive is True
+
+
+def test_a_defense_result_keeps_the_report_keys() -> None:
+    from bdaudit.defenses import DefenseResult
+
+    result = DefenseResult({"lr": 0.1}, {"pruned": 3}, schedule={"total_steps": 5}, peak_selection={"source": "given"})
+    assert list(result.to_dict()) == ["settings", "schedule", "peak_selection", "pruned"]
+    result.note, result.unlearning = "left unchanged", {"fraction": 0.3}
+    assert result.to_dict()["note"] == "left unchanged" and list(result.to_dict())[-1] == "unlearning"
+    assert list(DefenseResult({}).to_dict()) == ["settings"]

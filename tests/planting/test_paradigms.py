@@ -14,7 +14,7 @@ from bdaudit.core.data import resolve_data
 from bdaudit.core.errors import BdauditError, TriggerError
 from bdaudit.detect.probe import evaluate_triggers
 from bdaudit.models.checkpoint import file_sha256, load_model, save_model
-from bdaudit.planting import EncoderSettings, plant_encoder, plant_transfer
+from bdaudit.planting import EncoderBackdoor, EncoderSettings, PlantOptions, plant_encoder, plant_transfer
 from bdaudit.planting.plant import PlantResult, TrainSettings
 from bdaudit.planting.simclr import Embedder, ViewAugment, nt_xent
 from bdaudit.triggers import parse_trigger
@@ -26,6 +26,7 @@ FAST_TRANSFER = TrainSettings(epochs=2, lr=0.005, batch_size=64)
 TINY_ENCODER = EncoderSettings(pretrain_epochs=5, batch_size=128, proj_dim=32, backdoor_epochs=5,
                                backdoor_lr=2e-3, backdoor_batch_size=32, head_epochs=300)
 TRIGGER = "badnets:size=5"
+CPU = PlantOptions(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def transfers(badnets_model: PlantResult, clean_dir: Path, eval_dir: Path,
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, PlantResult]:
     out = tmp_path_factory.mktemp("transfer")
     return {mode: plant_transfer(badnets_model.path, clean_dir, out / f"{mode}.safetensors", mode=mode,
-                                 settings=FAST_TRANSFER, eval_dir=eval_dir, device="cpu")
+                                 settings=FAST_TRANSFER, options=PlantOptions(eval_dir=eval_dir, device="cpu"))
             for mode in ("full", "head")}
 
 
@@ -42,10 +43,10 @@ def encoders(train_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     """A clean SimCLR encoder + head, and the same encoder backdoored BadEncoder-style (held-out
     20 % of ``train_dir``: fewer images to pre-train on keeps this fast)."""
     out = tmp_path_factory.mktemp("encoder")
-    clean = plant_encoder(train_dir, out / "clean.safetensors", trigger=TRIGGER, target=0,
-                          arch="bd_cnn_tiny", settings=TINY_ENCODER, clean_encoder=True, device="cpu")
-    backdoored = plant_encoder(train_dir, out / "badencoder.safetensors", trigger=TRIGGER, target=0,
-                               settings=TINY_ENCODER, pretrained=clean.path, device="cpu")
+    clean = plant_encoder(train_dir, out / "clean.safetensors", backdoor=EncoderBackdoor(TRIGGER, 0, clean=True),
+                          arch="bd_cnn_tiny", settings=TINY_ENCODER, options=CPU)
+    backdoored = plant_encoder(train_dir, out / "badencoder.safetensors", backdoor=EncoderBackdoor(TRIGGER, 0),
+                               settings=TINY_ENCODER, pretrained=clean.path, options=CPU)
     return clean, backdoored
 
 
@@ -88,7 +89,7 @@ def test_transfer_to_new_classes_resets_the_head(badnets_model: PlantResult, cle
     for name, digit in (("odd", "1"), ("even", "2"), ("zero", "0")):
         shutil.copytree(clean_dir / digit, tmp_path / "data" / name)
     result = plant_transfer(badnets_model.path, tmp_path / "data", tmp_path / "t.safetensors",
-                            mode="head", settings=FAST_TRANSFER, device="cpu")
+                            mode="head", settings=FAST_TRANSFER, options=CPU)
     loaded = load_model(result.path)
     assert loaded.config.num_classes == 3 and loaded.net.fc.out_features == 3
     assert loaded.config.class_names == ("even", "odd", "zero")
@@ -100,7 +101,7 @@ def test_transfer_to_new_classes_resets_the_head(badnets_model: PlantResult, cle
 
 
 def test_transfer_rejects_bad_inputs(badnets_model: PlantResult, clean_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(BdauditError, match="mode must be one of full, head"):
+    with pytest.raises(BdauditError, match="`mode` must be one of full, head"):
         plant_transfer(badnets_model.path, clean_dir, tmp_path / "x.safetensors", mode="body")
     anonymous = load_model(badnets_model.path)
     bare = tmp_path / "bare.safetensors"
@@ -153,9 +154,9 @@ def test_encoder_checkpoint_is_an_ordinary_classifier(
 
 def test_encoder_rejects_bad_inputs(train_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(TriggerError, match="unknown trigger"):
-        plant_encoder(train_dir, tmp_path / "e.safetensors", trigger="nosuch", target=0)
+        plant_encoder(train_dir, tmp_path / "e.safetensors", backdoor=EncoderBackdoor("nosuch", 0))
     with pytest.raises(BdauditError, match="not a class index"):
-        plant_encoder(train_dir, tmp_path / "e.safetensors", target=10, arch="bd_cnn_tiny")
+        plant_encoder(train_dir, tmp_path / "e.safetensors", backdoor=EncoderBackdoor(target=10), arch="bd_cnn_tiny")
     with pytest.raises(BdauditError, match="head needs"):
         EncoderSettings(head_epochs=0)
 

@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import ImageSet, Preprocessing, load_image_folder
 from bdaudit.core.errors import BdauditError
-from bdaudit.engine.loop import Augment, make_optimizer, train
+from bdaudit.engine.loop import Plan, Runtime, train
+from bdaudit.engine.recipe import Augment, make_optimizer
 from bdaudit.engine.schedules import Constant, Cosine
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, load_model
 from bdaudit.planting.plant import PlantResult
@@ -26,6 +27,7 @@ from bdaudit.sequela import (
     tpr_at_fpr,
 )
 from bdaudit.sequela.mia import attack_scores
+from bdaudit.sequela.reinjection import ReinjectionSettings
 from bdaudit.triggers import parse_trigger
 
 MNIST = Path(__file__).resolve().parents[2] / "sample_data" / "mnist"
@@ -118,8 +120,7 @@ def overfit() -> tuple[torch.nn.Module, ImageSet]:
     torch.manual_seed(0)
     classifier = NormalizedClassifier(build_model(config), config)
     optimizer = make_optimizer(classifier.parameters(), "sgd", 0.05, weight_decay=0.0)
-    train(classifier, members, epochs=40, batch_size=20, optimizer=optimizer, lr_at=Constant(0.05),
-          gen=torch.Generator().manual_seed(0), device=CPU)
+    train(classifier, members, Plan(40, 20, Constant(0.05)), optimizer, Runtime(torch.Generator().manual_seed(0), CPU))
     return classifier, members
 
 
@@ -182,9 +183,8 @@ def superficially_cleaned(badnets: PlantResult, clean_set: ImageSet) -> torch.nn
     """BadNets model fine-tuned on clean data just long enough to push ASR below 50 %."""
     classifier = load_model(badnets.path).classifier()
     optimizer = make_optimizer(classifier.parameters(), "sgd", 0.02)
-    train(classifier, clean_set, epochs=10, batch_size=64, optimizer=optimizer,
-          lr_at=Cosine(0.02, 70, warmup_steps=7), gen=torch.Generator().manual_seed(0), device=CPU,
-          augment=Augment(2))
+    train(classifier, clean_set, Plan(10, 64, Cosine(0.02, 70, warmup_steps=7), Augment(2)), optimizer,
+          Runtime(torch.Generator().manual_seed(0), CPU))
     return classifier
 
 
@@ -192,7 +192,7 @@ def test_retuning_revives_a_hidden_backdoor_but_not_a_clean_model(
         badnets_model: PlantResult, clean_model: PlantResult, clean_set: ImageSet,
         eval_set: ImageSet) -> None:
     trigger = parse_trigger("badnets")
-    kwargs = {"eval_data": per_class(eval_set, 30), "device": CPU, "eval_every": 10, "seed": 0}
+    kwargs = {"eval_data": per_class(eval_set, 30), "device": CPU, "settings": ReinjectionSettings(eval_every=10)}
     hidden = superficially_cleaned(badnets_model, clean_set)
     before = state_copy(hidden)
     revived = reinjection_attack(hidden, clean_set, trigger, 0, **kwargs)
@@ -209,7 +209,7 @@ def test_retuning_revives_a_hidden_backdoor_but_not_a_clean_model(
     assert [p.step for p in fresh.curve] == list(range(0, revived.settings["budget_steps"] + 1, 10))
 
     planted = reinjection_attack(load_model(badnets_model.path).classifier(), clean_set, trigger, 0,
-                                 **{**kwargs, "budget_steps": 10})
+                                 **{**kwargs, "settings": ReinjectionSettings(eval_every=10, budget_steps=10)})
     assert planted.steps_to_regain == 0 and planted.final_asr >= 0.9
     report = json.loads(json.dumps(revived.to_dict()))
     assert report["steps_to_regain"] == revived.steps_to_regain and len(report["curve"]) > 2
@@ -218,9 +218,10 @@ def test_retuning_revives_a_hidden_backdoor_but_not_a_clean_model(
 def test_retuning_is_deterministic(clean_model: PlantResult, clean_set: ImageSet,
                                    eval_set: ImageSet) -> None:
     classifier = load_model(clean_model.path).classifier()
+    settings = ReinjectionSettings(budget_steps=12, eval_every=4, lr=0.05, seed=5)
     runs = [reinjection_attack(classifier, clean_set, parse_trigger("badnets"), 3,
-                               eval_data=per_class(eval_set, 10), device=CPU, budget_steps=12,
-                               eval_every=4, lr=0.05, seed=5).to_dict() for _ in range(2)]
+                               eval_data=per_class(eval_set, 10), device=CPU, settings=settings).to_dict()
+            for _ in range(2)]
     assert runs[0] == runs[1]
     assert [p["step"] for p in runs[0]["curve"]] == [0, 4, 8, 12]
 
@@ -231,8 +232,8 @@ def test_retuning_refuses_impossible_settings(clean_model: PlantResult, clean_se
     trigger = parse_trigger("badnets")
     with pytest.raises(ReinjectionError, match="needs 400 clean \\+ 10 poisoned images but .* 400"):
         reinjection_attack(classifier, clean_set, trigger, 0, eval_data=eval_set, device=CPU,
-                           n_clean=400, n_poison=10)
-    with pytest.raises(ReinjectionError, match="target 10 is not a class index"):
+                           settings=ReinjectionSettings(n_clean=400, n_poison=10))
+    with pytest.raises(ReinjectionError, match="`target` 10 is not a class index"):
         reinjection_attack(classifier, clean_set, trigger, 10, eval_data=eval_set, device=CPU)
     with pytest.raises(ReinjectionError, match="does not fit"):
         reinjection_attack(classifier, clean_set, parse_trigger("badnets:size=40"), 0,

@@ -15,6 +15,8 @@ import torch
 
 from bdaudit.core.data import ImageSet
 from bdaudit.core.errors import BdauditError
+from bdaudit.engine.loop import BatchTransform
+from bdaudit.engine.stamping import relabel, stamp_rows
 from bdaudit.triggers import Trigger, create_trigger
 
 ATTACKS: dict[str, type[Attack]] = {}
@@ -63,7 +65,7 @@ class Attack:
             raise BdauditError(
                 f"poison rate {self.poison_rate} asks for {count} poisoned images but "
                 f"{len(pool)} {'target-class' if self.clean_label else 'non-target'} images are "
-                "available; use more data or another --poison-rate")
+                "available; use more data or another `poison_rate`")
         mask = torch.zeros(len(data), dtype=torch.bool)
         mask[pool[torch.randperm(len(pool), generator=gen)[:count]]] = True
         return mask
@@ -72,11 +74,19 @@ class Attack:
                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the trigger to the batch's poisoned rows (and relabel unless clean-label)."""
         if poisoned.any():
-            x = x.clone()
-            x[poisoned] = self.trigger.apply(x[poisoned])
+            x = stamp_rows(x, [(poisoned, self.trigger)])
             if not self.clean_label:
-                y = torch.where(poisoned, torch.full_like(y, self.target), y)
+                y = relabel(y, poisoned, self.target)
         return x, y
+
+    def stamping(self, poisoned: torch.Tensor) -> BatchTransform:
+        """The loop's stamping hook for a dataset whose images ``poisoned`` (a mask over it) marks."""
+
+        def transform(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.poison_batch(x, y, poisoned[index], gen)
+
+        return transform
 
     def fit(self, classifier: torch.nn.Module, data: ImageSet, settings: Any,
             gen: torch.Generator, device: torch.device,

@@ -25,7 +25,7 @@ from torch import nn
 from bdaudit.attacks.base import Attack, register_attack
 from bdaudit.core.data import ImageSet, to_float
 from bdaudit.core.errors import BdauditError, TriggerError
-from bdaudit.engine.loop import Augment, make_optimizer, steps_per_epoch
+from bdaudit.engine.recipe import Augment, make_optimizer, steps_per_epoch
 from bdaudit.engine.schedules import Cosine
 from bdaudit.triggers.base import (
     Trigger,

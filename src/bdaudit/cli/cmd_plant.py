@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,6 +16,7 @@ from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, S
 from bdaudit.core.errors import BdauditError
 
 if TYPE_CHECKING:
+    from bdaudit.planting.common import PlantOptions
     from bdaudit.planting.plant import PlantResult, TrainSettings
 
 PARADIGMS = ("standalone", "transfer", "encoder")
@@ -77,7 +79,7 @@ def plant(
         raise BdauditError(f"--paradigm must be one of {', '.join(PARADIGMS)}, not '{paradigm}'")
     guard_outputs([("--out", out)], [data, eval_data, upstream, downstream_data])
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
-    from bdaudit.planting import TRANSFER_SETTINGS, plant_encoder
+    from bdaudit.planting import TRANSFER_SETTINGS, AttackChoice, EncoderBackdoor, PlantOptions, plant_encoder
     from bdaudit.planting.plant import CLEAN, TrainSettings
     from bdaudit.planting.plant import plant as plant_standalone
 
@@ -91,15 +93,16 @@ def plant(
         if not quiet:
             console.print(f"epoch {epoch + 1}/{settings.epochs}  loss {loss:.4f}")
 
-    common = dict(eval_dir=eval_data, holdout=holdout, seed=seed, device=device, force=force, half=half)
+    common = PlantOptions(eval_dir=eval_data, holdout=holdout, seed=seed, device=device, force=force, half=half)
     if paradigm == "standalone":
-        result = plant_standalone(data, out, attack=attack, target=target, poison_rate=poison_rate, arch=arch,
-                                  trigger_params=parse_params(trigger_params), settings=settings,
-                                  on_epoch=progress, **common)
+        choice = AttackChoice(attack, target, poison_rate, parse_params(trigger_params))
+        result = plant_standalone(data, out, attack=choice, arch=arch, settings=settings, options=common,
+                                  on_epoch=progress)
     elif paradigm == "encoder":
         spec = attack if not trigger_params else f"{attack}:{trigger_params}"
-        result = plant_encoder(data, out, trigger="badnets" if attack == CLEAN else spec, target=target,
-                               arch=arch, clean_encoder=attack == CLEAN, **common,
+        result = plant_encoder(data, out, backdoor=EncoderBackdoor("badnets" if attack == CLEAN else spec, target,
+                                                                  clean=attack == CLEAN),
+                               arch=arch, options=common,
                                on_epoch=None if quiet else
                                lambda phase, epoch, loss: console.print(f"{phase} epoch {epoch + 1} "
                                                                         f"loss {loss:.4f}"))
@@ -113,22 +116,22 @@ def plant(
 def _plant_transfer(data: Path, out: Path, upstream: Path | None, downstream: Path | None, mode: str,
                     attack: str, target: int, poison_rate: float, arch: str, trigger_params: str | None,
                     settings: TrainSettings, progress: Callable[[int, float], None],
-                    common: dict[str, Any]) -> PlantResult:
+                    common: PlantOptions) -> PlantResult:
     """Plant an upstream on --data (unless --upstream is given), then fine-tune it as the victim."""
-    from bdaudit.planting import plant_transfer
+    from bdaudit.planting import AttackChoice, plant_transfer
     from bdaudit.planting.plant import TrainSettings
     from bdaudit.planting.plant import plant as plant_standalone
 
     if downstream is None:
         raise BdauditError("--paradigm transfer needs --downstream-data DIR (the victim's clean data)")
-    if out.exists() and not common["force"]:
+    if out.exists() and not common.force:
         raise BdauditError(f"output {out} already exists; choose another path or pass --force")
     with tempfile.TemporaryDirectory() as tmp:
         if upstream is None:
             upstream = Path(tmp) / "upstream.safetensors"
             upstream_settings = TrainSettings(batch_size=settings.batch_size, hflip=settings.hflip)
-            plant_standalone(data, upstream, attack=attack, target=target, poison_rate=poison_rate,
-                             arch=arch, trigger_params=parse_params(trigger_params), settings=upstream_settings,
-                             on_epoch=progress, **{**common, "eval_dir": None, "force": True})
+            choice = AttackChoice(attack, target, poison_rate, parse_params(trigger_params))
+            plant_standalone(data, upstream, attack=choice, arch=arch, settings=upstream_settings, on_epoch=progress,
+                             options=dataclasses.replace(common, eval_dir=None, force=True))
         return plant_transfer(upstream, downstream, out, mode=mode, settings=settings, on_epoch=progress,
-                              **common)
+                              options=common)

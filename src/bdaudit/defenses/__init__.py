@@ -16,8 +16,9 @@ from bdaudit.defenses.base import (
     SCOPES,
     Defense,
     DefenseContext,
+    DefenseResult,
     create_defense,
     register_defense,
 )
 
-__all__ = ["DEFENSES", "SCOPES", "Defense", "DefenseContext", "create_defense", "register_defense"]
+__all__ = ["DEFENSES", "SCOPES", "Defense", "DefenseContext", "DefenseResult", "create_defense", "register_defense"]

@@ -62,9 +62,9 @@ from torch.nn.utils import parametrize
 
 from bdaudit.core.data import to_float
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.layers import conv_layers, norm_layers
-from bdaudit.engine.loop import Augment
+from bdaudit.engine.recipe import Augment, check_lr
 
 REPORTS = 10  # ctx.on_epoch calls over the optimisation
 MASK_MOMENTUM = 0.9
@@ -86,23 +86,22 @@ class ANPSettings:
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
-            raise BdauditError(f"--iterations must be at least 1, not {self.iterations}")
+            raise BdauditError(f"`iterations` must be at least 1, not {self.iterations}")
         if self.batch_size < 1:
-            raise BdauditError(f"--batch-size must be at least 1, not {self.batch_size}")
+            raise BdauditError(f"`batch_size` must be at least 1, not {self.batch_size}")
         if not 0.0 <= self.eps <= 1.0:
-            raise BdauditError(f"--eps must be in [0, 1], not {self.eps}")
+            raise BdauditError(f"`eps` must be in [0, 1], not {self.eps}")
         if self.pgd_steps < 1:
-            raise BdauditError(f"--pgd-steps must be at least 1, not {self.pgd_steps}")
+            raise BdauditError(f"`pgd_steps` must be at least 1, not {self.pgd_steps}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise BdauditError(f"--alpha must be in [0, 1], not {self.alpha}")
-        if not 0.0 < self.mask_lr <= 10.0:
-            raise BdauditError(f"--mask-lr must be in (0, 10], not {self.mask_lr}")
+            raise BdauditError(f"`alpha` must be in [0, 1], not {self.alpha}")
+        check_lr(self.mask_lr, "mask_lr")
         if not 0.0 <= self.threshold <= 1.0:
-            raise BdauditError(f"--threshold must be in [0, 1], not {self.threshold}")
+            raise BdauditError(f"`threshold` must be in [0, 1], not {self.threshold}")
         if self.prune_fraction is not None and not 0.0 <= self.prune_fraction < 1.0:
-            raise BdauditError(f"--prune-fraction must be in [0, 1), not {self.prune_fraction}")
+            raise BdauditError(f"`prune_fraction` must be in [0, 1), not {self.prune_fraction}")
         if self.augment_pad < 0:
-            raise BdauditError(f"--augment-pad must be >= 0, not {self.augment_pad}")
+            raise BdauditError(f"`augment_pad` must be >= 0, not {self.augment_pad}")
 
 
 def neuron_layers(net: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
@@ -113,7 +112,7 @@ def neuron_layers(net: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
     convs = conv_layers(net)
     if convs:
         return "conv", list(convs)
-    raise BdauditError("--method anp needs BatchNorm2d or Conv2d layers (its neurons); this model has neither")
+    raise BdauditError("method anp needs BatchNorm2d or Conv2d layers (its neurons); this model has neither")
 
 
 def channels(module: nn.Module) -> int:
@@ -235,10 +234,9 @@ class AdversarialNeuronPruning(Defense):
     settings_cls = ANPSettings
     settings: ANPSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
-        if ctx.scope != "full":
-            raise BdauditError("--method anp prunes neurons across the whole model; use --scope full")
+        ctx.require_full_scope(self.name, "prunes neurons across the whole model")
         kind, layers = neuron_layers(ctx.net)
         ctx.classifier.to(ctx.device, memory_format=torch.channels_last)
         net = ctx.net
@@ -257,11 +255,11 @@ class AdversarialNeuronPruning(Defense):
             ctx.classifier.eval()
         masks = anp.mask_values()
         pruned = prune_neurons(layers, select_neurons(masks, s))
-        return {"settings": asdict(s), "neuron_layers": kind, "neurons": len(masks),
-                "pruned": sum(pruned.values()), "pruned_per_layer": pruned,
-                "mask_below_threshold": int((masks < s.threshold).sum()),
-                "lowest_masks": [round(float(v), 3) for v in masks.sort().values[:10]],
-                "final_loss": losses[-1] if losses else None}
+        return DefenseResult(asdict(s), {
+            "neuron_layers": kind, "neurons": len(masks), "pruned": sum(pruned.values()),
+            "pruned_per_layer": pruned, "mask_below_threshold": int((masks < s.threshold).sum()),
+            "lowest_masks": [round(float(v), 3) for v in masks.sort().values[:10]],
+            "final_loss": losses[-1] if losses else None})
 
     def _optimise(self, ctx: DefenseContext, anp: NeuronPerturbation) -> list[float]:
         s = self.settings

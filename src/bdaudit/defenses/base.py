@@ -9,7 +9,7 @@ it needs beyond clean data.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,10 +20,12 @@ from bdaudit.core.coerce import parse_bool
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import ImageSet
 from bdaudit.core.errors import BdauditError
-from bdaudit.engine.loop import BatchTransform
+from bdaudit.core.heads import SCOPES, body_eval, freeze_body, head_of
+
+__all__ = ["DEFENSES", "SCOPES", "Defense", "DefenseContext", "DefenseResult", "create_defense", "register_defense"]
+from bdaudit.engine.loop import BatchTransform, Runtime
 
 DEFENSES: dict[str, type[Defense]] = {}
-SCOPES = ("full", "head")
 
 # Called after each epoch with (epoch, lr at the end of the epoch, mean training loss).
 EpochHook = Callable[[int, float, float], None]
@@ -53,34 +55,55 @@ class DefenseContext:
     def net(self) -> nn.Module:
         return self.classifier.net  # type: ignore[return-value]
 
+    def head(self) -> nn.Module:
+        return head_of(self.net, self.config)
+
     def set_train_modes(self) -> None:
         """Head scope: the frozen body stays in eval mode so its BatchNorm statistics don't move."""
         if self.scope == "head":
-            self.net.eval()
-            head_module(self.net, self.config).train()
+            body_eval(self.net, self.head())
 
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+    def trainable_parameters(self) -> list[nn.Parameter]:
         """All parameters (scope full) or only the head's (scope head); freezes the rest."""
         if self.scope == "full":
-            yield from self.net.parameters()
-            return
-        head = head_module(self.net, self.config)
-        head_ids = {id(p) for p in head.parameters()}
-        for param in self.net.parameters():
-            param.requires_grad_(id(param) in head_ids)
-        yield from head.parameters()
+            return list(self.net.parameters())
+        return freeze_body(self.net, self.head())
+
+    def require_full_scope(self, method: str, why: str) -> None:
+        """For defenses that change the body too: scope head would silently train something else."""
+        if self.scope != "full":
+            raise BdauditError(f"method {method} {why}; set `scope` to full")
+
+    def runtime(self) -> Runtime:
+        return Runtime(self.gen, self.device)
 
 
-def head_module(net: nn.Module, config: ModelConfig) -> nn.Module:
-    """The classifier head named by the config (the encoder/head boundary)."""
-    if not config.head:
-        raise BdauditError("--scope head needs a recorded head: this model's metadata names none; "
-                           "add 'head: <module name>' to its YAML config or use --scope full")
-    try:
-        return net.get_submodule(config.head)
-    except AttributeError:
-        raise BdauditError(f"the model has no module '{config.head}' (its recorded head); "
-                           "fix 'head' in the model config or use --scope full") from None
+@dataclass
+class DefenseResult:
+    """What a defense did: the settings it used, the schedule it ran and how its peak was chosen
+    (rate-schedule defenses), what it found or changed (``details``, per defense), a ``note`` when
+    it left the model unchanged, and the scan-flagged triggers it unlearned (set by the workflow)."""
+
+    settings: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] | None = None
+    peak_selection: dict[str, Any] | None = None
+    note: str | None = None
+    unlearning: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``hyperparameters`` (keys as before the type existed; absent ones omitted)."""
+        out: dict[str, Any] = {"settings": self.settings}
+        if self.schedule is not None:
+            out["schedule"] = self.schedule
+        if self.peak_selection is not None:
+            out["peak_selection"] = self.peak_selection
+        out.update(self.details)
+        if self.note is not None:
+            out["note"] = self.note
+        if self.unlearning is not None:
+            out["unlearning"] = self.unlearning
+        return out
 
 
 class Defense:
@@ -94,7 +117,7 @@ class Defense:
     def __init__(self, settings: Any = None) -> None:
         self.settings = settings if settings is not None else self.settings_cls()
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
 
 

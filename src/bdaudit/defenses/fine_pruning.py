@@ -40,14 +40,13 @@ Needs clean labelled data and a linear classifier head; works on the whole model
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from bdaudit.core.data import to_float
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.layers import capture_head_inputs, linear_head
 from bdaudit.defenses.tuning import RateSettings, fine_tune
 
@@ -67,9 +66,9 @@ class FPSettings(RateSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.prune_ratio_max < 1.0:
-            raise BdauditError(f"--prune-ratio-max must be in [0, 1), not {self.prune_ratio_max}")
+            raise BdauditError(f"`prune_ratio_max` must be in [0, 1), not {self.prune_ratio_max}")
         if not 0.0 <= self.accuracy_tolerance <= 1.0:
-            raise BdauditError(f"--accuracy-tolerance must be in [0, 1], not {self.accuracy_tolerance}")
+            raise BdauditError(f"`accuracy_tolerance` must be in [0, 1], not {self.accuracy_tolerance}")
 
 
 @dataclass(frozen=True)
@@ -148,10 +147,9 @@ class FinePruning(Defense):
     settings_cls = FPSettings
     settings: FPSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
-        if ctx.scope != "full":
-            raise BdauditError("--method fp prunes and fine-tunes the whole model; use --scope full")
+        ctx.require_full_scope(self.name, "prunes and fine-tunes the whole model")
         head = linear_head(ctx.net, ctx.config)
         plan = plan_pruning(head_features(ctx, head), ctx.tune.labels, head, s)
         mask = plan.mask()
@@ -164,6 +162,7 @@ class FinePruning(Defense):
             handle.remove()
         prune_head_inputs(head, mask)  # bake the mask in (the columns are already zero)
         channels = len(plan.order)
-        return {"settings": asdict(s), "channels": channels, "pruned": plan.pruned,
-                "pruned_fraction": plan.pruned / channels, "stopped_by": plan.stopped_by,
-                "tune_accuracy_unpruned": plan.accuracy_before, "tune_accuracy_pruned": plan.accuracy_after}
+        return DefenseResult(asdict(s), {
+            "channels": channels, "pruned": plan.pruned, "pruned_fraction": plan.pruned / channels,
+            "stopped_by": plan.stopped_by, "tune_accuracy_unpruned": plan.accuracy_before,
+            "tune_accuracy_pruned": plan.accuracy_after})

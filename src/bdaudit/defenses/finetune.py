@@ -4,9 +4,8 @@ with SFT (and the first step of many defenses, e.g. Liu et al. 2018, Fine-Prunin
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.tuning import RateSettings, fine_tune
 
 
@@ -24,7 +23,7 @@ class FineTuning(Defense):
     settings_cls = FTSettings
     settings: FTSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
         fine_tune(ctx, s, s.lr_function(len(ctx.tune)))
-        return {"settings": asdict(s)}
+        return DefenseResult(asdict(s))

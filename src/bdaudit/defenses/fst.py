@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.layers import linear_head
 from bdaudit.defenses.tuning import RateSettings, fine_tune
 
@@ -45,7 +44,7 @@ class FSTSettings(RateSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.alpha >= 0:
-            raise BdauditError(f"--alpha must be >= 0, not {self.alpha}")
+            raise BdauditError(f"`alpha` must be >= 0, not {self.alpha}")
 
 
 @torch.no_grad()
@@ -74,10 +73,9 @@ class FeatureShiftTuning(Defense):
     settings_cls = FSTSettings
     settings: FSTSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
-        if ctx.scope != "full":
-            raise BdauditError("fst tunes the whole model (it shifts the body's features); use --scope full")
+        ctx.require_full_scope(self.name, "tunes the whole model (it shifts the body's features)")
         ctx.classifier.to(ctx.device)
         head = linear_head(ctx.net, ctx.config)
         original = head.weight.detach().clone()
@@ -89,4 +87,4 @@ class FeatureShiftTuning(Defense):
 
         lr_at = s.lr_function(len(ctx.tune))
         fine_tune(ctx, s, lr_at, loss_fn=loss_fn, on_step=lambda: project_norm(head.weight, norm))
-        return {"settings": asdict(s), "head_norm": float(norm)}
+        return DefenseResult(asdict(s), {"head_norm": float(norm)})

@@ -27,13 +27,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.tuning import RateSettings, fine_tune
 from bdaudit.engine.loop import LossFunction
 
@@ -48,7 +47,7 @@ class FTSAMSettings(RateSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.rho > 0:
-            raise BdauditError(f"--rho must be > 0, not {self.rho}")
+            raise BdauditError(f"`rho` must be > 0, not {self.rho}")
 
 
 def sam_perturbation(params: list[nn.Parameter], rho: float, adaptive: bool) -> list[torch.Tensor]:
@@ -113,8 +112,8 @@ class FineTuningSAM(Defense):
     settings_cls = FTSAMSettings
     settings: FTSAMSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
         lr_at = s.lr_function(len(ctx.tune))
         fine_tune(ctx, s, lr_at, step_fn=SAMStep(s.rho, s.adaptive))
-        return {"settings": asdict(s)}
+        return DefenseResult(asdict(s))

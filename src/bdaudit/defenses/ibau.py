@@ -44,7 +44,6 @@ Knobs: ``rounds`` (official 5), ``outer_epochs`` (passes over the clean data per
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +51,8 @@ from torch import nn
 
 from bdaudit.core.data import ImageSet, to_float
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
-from bdaudit.engine.loop import make_optimizer
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
+from bdaudit.engine.recipe import check_lr, check_optimizer, make_optimizer
 
 INNER_REG = 1e-3  # the official inner loss's weight on |delta|^2
 
@@ -74,19 +73,17 @@ class IBAUSettings:
     def __post_init__(self) -> None:
         for name in ("rounds", "outer_epochs", "inner_steps", "batch_size"):
             if getattr(self, name) < 1:
-                raise BdauditError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+                raise BdauditError(f"`{name}` must be at least 1, not {getattr(self, name)}")
         if self.fixed_point_iters < 0:
-            raise BdauditError(f"--fixed-point-iters must be >= 0, not {self.fixed_point_iters}")
+            raise BdauditError(f"`fixed_point_iters` must be >= 0, not {self.fixed_point_iters}")
         if not self.eps > 0:
-            raise BdauditError(f"--eps must be > 0, not {self.eps}")
-        if not 0.0 < self.lr <= 10.0:
-            raise BdauditError(f"--lr must be in (0, 10], not {self.lr}")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise BdauditError(f"--optimizer must be sgd, adam or adamw, not '{self.optimizer}'")
+            raise BdauditError(f"`eps` must be > 0, not {self.eps}")
+        check_lr(self.lr)
+        check_optimizer(self.optimizer)
         if not self.fixed_point_step > 0:
-            raise BdauditError(f"--fixed-point-step must be > 0, not {self.fixed_point_step}")
+            raise BdauditError(f"`fixed_point_step` must be > 0, not {self.fixed_point_step}")
         if not 0.0 < self.perturb_fraction <= 1.0:
-            raise BdauditError(f"--perturb-fraction must be in (0, 1], not {self.perturb_fraction}")
+            raise BdauditError(f"`perturb_fraction` must be in (0, 1], not {self.perturb_fraction}")
 
 
 def _batch(data: ImageSet, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +142,8 @@ class IBAU(Defense):
     settings_cls = IBAUSettings
     settings: IBAUSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
-        if ctx.scope != "full":
-            raise BdauditError("method ibau unlearns with the whole network; use --scope full")
+    def run(self, ctx: DefenseContext) -> DefenseResult:
+        ctx.require_full_scope(self.name, "unlearns with the whole network")
         s = self.settings
         classifier = ctx.classifier.to(ctx.device, memory_format=torch.channels_last)
         params = [p for p in ctx.net.parameters() if p.requires_grad]
@@ -172,4 +168,4 @@ class IBAU(Defense):
             if ctx.on_epoch is not None:
                 ctx.on_epoch(round_, s.lr, loss)
         classifier.eval()
-        return {"settings": asdict(s), "rounds": rounds}
+        return DefenseResult(asdict(s), {"rounds": rounds})

@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +45,10 @@ from torch import nn
 
 from bdaudit.core.data import to_float
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.layers import capture_outputs
 from bdaudit.defenses.tuning import RateSettings, fine_tune
+from bdaudit.engine.recipe import check_lr
 from bdaudit.engine.schedules import Constant
 
 
@@ -65,16 +65,15 @@ class NADSettings(RateSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.teacher_lr <= 10.0:
-            raise BdauditError(f"--teacher-lr must be in (0, 10], not {self.teacher_lr}")
+        check_lr(self.teacher_lr, "teacher_lr")
         if not self.beta >= 0:
-            raise BdauditError(f"--beta must be >= 0, not {self.beta}")
+            raise BdauditError(f"`beta` must be >= 0, not {self.beta}")
         if not self.power > 0:
-            raise BdauditError(f"--power must be > 0, not {self.power}")
+            raise BdauditError(f"`power` must be > 0, not {self.power}")
         if self.teacher_epochs < 1:
-            raise BdauditError(f"--teacher-epochs must be at least 1, not {self.teacher_epochs}")
+            raise BdauditError(f"`teacher_epochs` must be at least 1, not {self.teacher_epochs}")
         if self.n_layers < 1:
-            raise BdauditError(f"--n-layers must be at least 1, not {self.n_layers}")
+            raise BdauditError(f"`n_layers` must be at least 1, not {self.n_layers}")
 
 
 def attention_map(features: torch.Tensor, power: float = 2.0) -> torch.Tensor:
@@ -129,7 +128,7 @@ def stage_outputs(classifier: nn.Module, net: nn.Module, probe: torch.Tensor, n_
     stages = [name for _, name in sorted(last.values())]
     if not stages:
         raise BdauditError("nad needs convolutional feature maps (4-D activations) and found none; "
-                           "name the layers to distil with --layers")
+                           "name the layers to distil with `layers`")
     return stages[-n_layers:]
 
 
@@ -141,7 +140,7 @@ def resolve_layers(ctx: DefenseContext, settings: NADSettings) -> list[str]:
             try:
                 ctx.net.get_submodule(name)
             except AttributeError:
-                raise BdauditError(f"--layers: the model has no module '{name}'") from None
+                raise BdauditError(f"`layers`: the model has no module '{name}'") from None
         return names
     ctx.classifier.to(ctx.device)
     return stage_outputs(ctx.classifier, ctx.net, to_float(ctx.tune.images[:2], ctx.device), settings.n_layers)
@@ -178,10 +177,9 @@ class NeuralAttentionDistillation(Defense):
     settings_cls = NADSettings
     settings: NADSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         s = self.settings
-        if ctx.scope != "full":
-            raise BdauditError("nad distils the intermediate layers, so it tunes the whole model; use --scope full")
+        ctx.require_full_scope(self.name, "distils the intermediate layers, so it tunes the whole model")
         names = resolve_layers(ctx, s)
         teacher = train_teacher(ctx, s)
         student_modules = [ctx.net.get_submodule(n) for n in names]
@@ -194,10 +192,10 @@ class NeuralAttentionDistillation(Defense):
                 teacher(x)
             if any(a is None for a in student):
                 unused = [n for n, a in zip(names, student, strict=True) if a is None]
-                raise BdauditError(f"--layers: module(s) {', '.join(unused)} are not used in the forward pass")
+                raise BdauditError(f"`layers`: module(s) {', '.join(unused)} are not used in the forward pass")
             distill = sum(attention_loss(a, b, s.power) for a, b in zip(student, target, strict=True))
             return F.cross_entropy(logits, y) + s.beta * distill
 
         lr_at = s.lr_function(len(ctx.tune))
         fine_tune(ctx, s, lr_at, loss_fn=loss_fn)
-        return {"settings": asdict(s), "layers": names}
+        return DefenseResult(asdict(s), {"layers": names})

@@ -23,24 +23,22 @@ Knobs (``bdaudit clean --method nc``):
   ``success_threshold`` (the attack success the schedule holds, 0.99), ``anomaly_threshold`` (2),
   ``anomaly_scale`` (``log``, the default: the paper's rule on log norms, a bdaudit extension — see
   ``bdaudit.detect.inversion`` — or ``l1``, the paper's rule);
-- unlearning: ``epochs``, ``batch_size``, ``lr`` (constant), ``optimizer``, ``momentum``,
-  ``weight_decay``, ``augment_pad`` (as ``ft``), and ``poison_fraction`` — the fraction of each
-  batch stamped with a reversed trigger (the paper: 20 %).
+- unlearning: ``epochs``, ``min_steps``, ``batch_size``, ``lr`` (constant), ``optimizer``,
+  ``momentum``, ``weight_decay``, ``augment_pad`` (as ``ft``, through the same tuning loop), and
+  ``poison_fraction`` — the fraction of each batch stamped with a reversed trigger (the paper: 20 %).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
 
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, register_defense
-from bdaudit.defenses.tuning import TuneSettings
-from bdaudit.detect.inversion import InversionResult, InversionSettings, InvertedTrigger, invert_triggers
-from bdaudit.engine.loop import Augment, BatchTransform, make_optimizer, train
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
+from bdaudit.defenses.tuning import TuneSettings, fine_tune
+from bdaudit.detect.inversion import InversionResult, InversionSettings, invert_triggers
+from bdaudit.engine.recipe import check_lr
 from bdaudit.engine.schedules import Constant
+from bdaudit.engine.stamping import Stamping, check_share
 
 
 @dataclass(frozen=True)
@@ -58,11 +56,9 @@ class NCSettings(TuneSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.lr <= 10.0:
-            raise BdauditError(f"--lr must be in (0, 10], not {self.lr}")
-        if not 0.0 < self.poison_fraction <= 1.0:
-            raise BdauditError(f"--poison-fraction must be in (0, 1], not {self.poison_fraction}")
-        self.inversion()  # validates the inversion knobs under their flag names
+        check_lr(self.lr)
+        check_share(self.poison_fraction, "poison_fraction", allow_zero=False, allow_one=True)
+        self.inversion()  # validates the inversion knobs under this method's field names
 
     def inversion(self) -> InversionSettings:
         try:
@@ -70,33 +66,13 @@ class NCSettings(TuneSettings):
                                      lr=self.inversion_lr, init_cost=self.init_cost,
                                      success_threshold=self.success_threshold,
                                      anomaly_threshold=self.anomaly_threshold, anomaly_scale=self.anomaly_scale)
-        except BdauditError as exc:  # name the flag as this method spells it
+        except BdauditError as exc:  # name the field as this method spells it
             message = str(exc)
-            for short, long in (("--steps ", "--inversion-steps "), ("--batch-size ", "--inversion-batch-size "),
-                                ("--lr ", "--inversion-lr ")):
+            for short, long in (("`steps`", "`inversion_steps`"), ("`batch_size`", "`inversion_batch_size`"),
+                                ("`lr`", "`inversion_lr`"), ("--steps ", "--inversion-steps "),
+                                ("--batch-size ", "--inversion-batch-size "), ("--lr ", "--inversion-lr ")):
                 message = message.replace(short, long)
             raise BdauditError(message) from None
-
-
-def stamp_batches(triggers: list[InvertedTrigger], fraction: float) -> BatchTransform:
-    """A ``train`` batch transform: ``fraction`` of the batch gets a random reversed trigger,
-    labels unchanged (so the model learns that the trigger means nothing)."""
-
-    def transform(x: torch.Tensor, y: torch.Tensor, _index: torch.Tensor,
-                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        count = round(fraction * len(y))
-        if count == 0:
-            return x, y
-        pick = torch.randperm(len(y), generator=gen)[:count]
-        which = torch.randint(0, len(triggers), (count,), generator=gen)
-        x = x.clone()
-        for j, trigger in enumerate(triggers):
-            rows = pick[which == j]
-            if len(rows):
-                x[rows] = trigger.apply(x[rows])
-        return x, y
-
-    return transform
 
 
 @register_defense
@@ -109,35 +85,24 @@ class NeuralCleanse(Defense):
     settings_cls = NCSettings
     settings: NCSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
-        if ctx.scope != "full":
-            raise BdauditError("method nc unlearns with the whole network; use --scope full")
+    def run(self, ctx: DefenseContext) -> DefenseResult:
+        ctx.require_full_scope(self.name, "unlearns with the whole network")
         s = self.settings
         result = invert_triggers(ctx.classifier, ctx.tune, settings=s.inversion(), device=ctx.device, gen=ctx.gen)
-        out: dict[str, Any] = {"settings": asdict(s), "inversion": result.to_dict(), "flagged": list(result.flagged),
-                               "unlearned": False}
+        out = DefenseResult(asdict(s), {"inversion": result.to_dict(), "flagged": list(result.flagged),
+                                        "unlearned": False})
         if not result.flagged:
-            out["note"] = (f"no class's reversed trigger is an outlier ({s.anomaly_scale} anomaly index <= "
-                           f"{s.anomaly_threshold:g} for every class below the median): Neural Cleanse "
-                           "found no backdoor and left the model unchanged")
+            out.note = (f"no class's reversed trigger is an outlier ({s.anomaly_scale} anomaly index <= "
+                        f"{s.anomaly_threshold:g} for every class below the median): Neural Cleanse "
+                        "found no backdoor and left the model unchanged")
             return out
         unlearn(ctx, s, result)
-        out["unlearned"] = True
+        out.details["unlearned"] = True
         return out
 
 
 def unlearn(ctx: DefenseContext, s: NCSettings, result: InversionResult) -> None:
-    """Fine-tune on clean data with the flagged classes' reversed triggers stamped, true labels kept."""
-    triggers = [result.trigger(c) for c in result.flagged]
-    params = list(ctx.trainable_parameters())
-    optimizer = make_optimizer(params, s.optimizer, s.lr, s.momentum, s.weight_decay)
-
-    def on_epoch(epoch: int, loss: float) -> None:
-        if ctx.on_epoch is not None:
-            ctx.on_epoch(epoch, s.lr, loss)
-
-    train(ctx.classifier, ctx.tune, epochs=s.epochs, batch_size=s.batch_size, optimizer=optimizer,
-          lr_at=Constant(s.lr), gen=ctx.gen, device=ctx.device,
-          augment=Augment(s.augment_pad, ctx.config.hflip),
-          batch_transform=stamp_batches(triggers, s.poison_fraction), on_epoch=on_epoch,
-          set_modes=ctx.set_train_modes)
+    """Fine-tune on clean data with the flagged classes' reversed triggers stamped, true labels kept,
+    through the shared tuning loop (so ``min_steps`` and the scan's unlearning apply as for ``ft``)."""
+    triggers = tuple(result.trigger(c) for c in result.flagged)
+    fine_tune(ctx, s, Constant(s.lr), stamp=Stamping(triggers, s.poison_fraction, exact=True))

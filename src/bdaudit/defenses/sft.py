@@ -9,17 +9,18 @@ another. The phase-2 peak and the base follow from it by fixed ratios.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from bdaudit.core.errors import BdauditError
-from bdaudit.defenses.base import Defense, DefenseContext, head_module, register_defense
+from bdaudit.defenses.base import Defense, DefenseContext, DefenseResult, register_defense
 from bdaudit.defenses.ftsam import SAMStep
-from bdaudit.defenses.lr_range import lr_range_test
 from bdaudit.defenses.tuning import TuneSettings, fine_tune
-from bdaudit.engine.loop import steps_per_epoch
+from bdaudit.engine.lr_range import RangeTestSettings, lr_range_test
+from bdaudit.engine.recipe import check_lr, steps_per_epoch
 from bdaudit.engine.schedules import TwoPhaseCyclic
 
 # Chosen on the benchmark (benchmarks/README.md, "SFT peak selection").
@@ -47,14 +48,14 @@ class SFTSettings(TuneSettings):
         super().__post_init__()
         for name in ("lr_base", "lr_peak1", "lr_peak2"):
             value = getattr(self, name)
-            if value is not None and not 0.0 < value <= 10.0:
-                raise BdauditError(f"--{name.replace('_', '-')} must be in (0, 10], not {value}")
+            if value is not None:
+                check_lr(value, name)
         if not 0.0 < self.phase1_fraction < 1.0:
-            raise BdauditError(f"--phase1-fraction must be in (0, 1), not {self.phase1_fraction}")
+            raise BdauditError(f"`phase1_fraction` must be in (0, 1), not {self.phase1_fraction}")
         if self.cycle_epochs <= 0 or (self.cycle_iters is not None and self.cycle_iters < 2):
-            raise BdauditError("--cycle-epochs must be > 0 and --cycle-iters at least 2")
+            raise BdauditError("`cycle_epochs` must be > 0 and `cycle_iters` at least 2")
         if self.sam_rho is not None and self.sam_rho <= 0:
-            raise BdauditError(f"--sam-rho must be > 0 (or unset), not {self.sam_rho}")
+            raise BdauditError(f"`sam_rho` must be > 0 (or unset), not {self.sam_rho}")
 
 
 def build_schedule(settings: SFTSettings, n_images: int, peak1: float) -> TwoPhaseCyclic:
@@ -84,7 +85,14 @@ def choose_peak1(ctx: DefenseContext, settings: SFTSettings) -> tuple[float, dic
     if settings.lr_peak1 is not None:
         return settings.lr_peak1, {"source": "given"}
     batch = range_test_batch(len(ctx.tune), settings.batch_size)
-    test = lr_range_test(ctx, batch_size=batch, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    model = copy.deepcopy(ctx.classifier).to(ctx.device).train()
+    trial = copy.copy(ctx)  # the test trains a copy; the original is untouched
+    trial.classifier = model
+    trial.set_train_modes()
+    test = lr_range_test(model, trial.trainable_parameters(), ctx.tune, ctx.runtime(),
+                         num_classes=ctx.config.num_classes, hflip=ctx.config.hflip,
+                         settings=RangeTestSettings(batch_size=batch, momentum=settings.momentum,
+                                                    weight_decay=settings.weight_decay))
     if test.escape_lr is None:
         return FALLBACK_PEAK1, {"source": "fallback (range test never left the basin)", "test_batch": batch,
                                 **test.to_dict()}
@@ -97,7 +105,7 @@ def choose_peak1(ctx: DefenseContext, settings: SFTSettings) -> tuple[float, dic
 def reinit_head(ctx: DefenseContext) -> None:
     """Forget the head's backdoor mapping; the body's features are re-read from clean data."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.gen)))
-    for module in head_module(ctx.net, ctx.config).modules():
+    for module in ctx.head().modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
 
@@ -111,12 +119,11 @@ class SuperFineTuning(Defense):
     settings_cls = SFTSettings
     settings: SFTSettings
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
+    def run(self, ctx: DefenseContext) -> DefenseResult:
         if self.settings.reinit_head:
             reinit_head(ctx)
         peak1, selection = choose_peak1(ctx, self.settings)
         schedule = build_schedule(self.settings, len(ctx.tune), peak1)
         sam = SAMStep(self.settings.sam_rho, adaptive=True) if self.settings.sam_rho else None
         fine_tune(ctx, self.settings, schedule, step_fn=sam)
-        return {"settings": asdict(self.settings), "schedule": asdict(schedule),
-                "peak_selection": selection}
+        return DefenseResult(asdict(self.settings), schedule=asdict(schedule), peak_selection=selection)

@@ -9,7 +9,7 @@ Half of the stamped images get a fresh member of the trigger's family (same para
 seed) rather than the flagged instance, so the model unlearns the family — what Blended, WaNet and
 low-frequency backdoors actually learn — not one pattern. Images are stamped before augmentation.
 
-It applies to every defense that tunes through ``tuning.fine_tune`` (ft, sft, ftsam, fst, nad, fp)
+It applies to every defense that tunes through ``tuning.fine_tune`` (ft, sft, ftsam, fst, nad, fp, nc)
 and only when the scan flagged something: a model without a flagged trigger is tuned as before.
 """
 
@@ -19,52 +19,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from bdaudit.core.errors import BdauditError
+from bdaudit.engine.stamping import Stamping, check_share
 from bdaudit.triggers import Trigger
 
-# Fresh family members come from seeds above this, away from the library's own (0) and null seeds.
-VARIANT_SEED_BASE = 1 << 20
-# Share of stamped images that get a fresh family member instead of the flagged instance.
+# Share of stamped images that get a fresh member of the family instead of the flagged instance.
 UNLEARN_FAMILY_SHARE = 0.5
 
 
 def check_unlearn_fraction(fraction: float) -> None:
-    if not 0.0 <= fraction < 1.0:  # 1 would leave no clean image in a batch
-        raise BdauditError(f"--unlearn-fraction must be in [0, 1), not {fraction}")
+    check_share(fraction, "unlearn_fraction", allow_zero=True, allow_one=False)  # 1: no clean image left
 
 
 @dataclass(frozen=True)
-class TriggerUnlearning:
+class TriggerUnlearning(Stamping):
     """A ``train`` batch transform: stamps ``fraction`` of each batch with a flagged trigger (or,
     with probability ``family``, a fresh member of its family) and keeps the labels."""
 
     triggers: tuple[Trigger, ...]
-    fraction: float
     family: float = UNLEARN_FAMILY_SHARE
 
     def __post_init__(self) -> None:
         check_unlearn_fraction(self.fraction)
-        if not 0.0 <= self.family <= 1.0:
-            raise BdauditError(f"unlearning family share must be in [0, 1], not {self.family}")
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.triggers or self.fraction == 0.0:
-            return x, y
-        chosen = torch.rand(len(x), generator=gen) < self.fraction
-        which = torch.randint(0, len(self.triggers), (len(x),), generator=gen)
-        fresh = torch.rand(len(x), generator=gen) < self.family
-        seeds = torch.randint(VARIANT_SEED_BASE, 1 << 30, (len(self.triggers),), generator=gen).tolist()
-        x = x.clone()
-        for slot, trigger in enumerate(self.triggers):
-            for use_variant in (False, True):
-                rows = chosen & (which == slot) & (fresh == use_variant)
-                if rows.any():
-                    stamp = trigger.variant(seeds[slot]) if use_variant else trigger
-                    x[rows] = stamp.apply(x[rows]).to(x.dtype)
-        return x, y
+        check_share(self.family, "unlearn_family", allow_zero=True, allow_one=True)
 
     def describe(self) -> dict[str, Any]:
         return {"triggers": [t.spec() for t in self.triggers], "fraction": self.fraction,

@@ -1,5 +1,6 @@
-"""The training loop shared by planting and cleaning: seeded shuffling, tensor-level
-augmentation, a per-step learning-rate function and per-epoch callbacks."""
+"""The one training loop, shared by planting, cleaning and re-injection: seeded shuffling,
+tensor-level augmentation, a per-step learning-rate function and hooks (stamping, per-epoch,
+per-step, loss and step replacements)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdaudit.core.data import ImageSet, to_float
-
-# Far beyond any useful run, yet small enough that a typo (--epochs 10^20) is refused, not started.
-MAX_EPOCHS = 10_000
-MAX_BATCH = 65_536
-MAX_STEPS = 1_000_000
+from bdaudit.engine.recipe import Augment, Recipe
 
 # (images in [0, 1], labels, dataset indices, generator) -> (images, labels): e.g. poisoning.
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
@@ -46,81 +43,87 @@ def plain_step(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, optimize
 
 
 @dataclass(frozen=True)
-class Augment:
-    """Random crop with zero padding and an optional horizontal flip (never for digits)."""
+class Hooks:
+    """What a run may change about the plain loop. ``batch_transform`` is the stamping hook
+    (poisoning, trigger unlearning: ``engine.stamping``); ``on_epoch(epoch, mean loss)``;
+    ``on_step`` runs after each step (e.g. a projection); ``set_modes`` after ``train()`` (e.g. a
+    frozen body's BatchNorm stays in eval mode); ``loss_fn`` and ``step_fn`` replace plain
+    cross-entropy and the single forward/backward/step."""
 
-    pad: int = 2
-    hflip: bool = False
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.pad > 0:
-            n, _, h, w = x.shape
-            padded = F.pad(x, (self.pad,) * 4)
-            # One integer shift per image: translate by unfolding offsets with gather-free slicing.
-            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen).tolist()
-            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen).tolist()
-            x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-        if self.hflip:
-            flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
+    batch_transform: BatchTransform | None = None
+    on_epoch: EpochCallback | None = None
+    on_step: Callable[[], None] | None = None
+    set_modes: Callable[[], None] | None = None
+    loss_fn: LossFunction | None = None
+    step_fn: StepFunction | None = None
 
 
-def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 5e-4) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer '{name}': use sgd, adam or adamw")
+NO_HOOKS = Hooks()
 
 
-def steps_per_epoch(n_images: int, batch_size: int) -> int:
-    return max(1, -(-n_images // batch_size))
+@dataclass(frozen=True)
+class Runtime:
+    """Where a run computes and the generator every random choice of it draws from."""
+
+    gen: torch.Generator
+    device: torch.device
 
 
-def train(classifier: nn.Module, data: ImageSet, *, epochs: int, batch_size: int,
-          optimizer: torch.optim.Optimizer, lr_at: LrFunction, gen: torch.Generator,
-          device: torch.device, augment: Augment | None = None,
-          batch_transform: BatchTransform | None = None,
-          on_epoch: EpochCallback | None = None, on_step: Callable[[], None] | None = None,
-          set_modes: Callable[[], None] | None = None, loss_fn: LossFunction | None = None,
-          step_fn: StepFunction | None = None) -> None:
-    """Training over shuffled batches; ``lr_at(step)`` sets every group's rate.
-    Only parameters with ``requires_grad`` in ``optimizer`` move. ``loss_fn`` replaces the
-    cross-entropy loss and ``step_fn`` the single forward/backward/step (defaults: plain CE, one
-    pass); ``on_step`` runs after each step (e.g. a projection)."""
-    loss_fn = loss_fn or cross_entropy_loss
-    step_fn = step_fn or plain_step
+@dataclass(frozen=True)
+class Plan:
+    """How long a run is and what it feeds: epochs of shuffled batches, a per-step rate."""
+
+    epochs: int
+    batch_size: int
+    lr_at: LrFunction
+    augment: Augment | None = None
+
+
+def train(classifier: nn.Module, data: ImageSet, plan: Plan, optimizer: torch.optim.Optimizer,
+          runtime: Runtime, hooks: Hooks = NO_HOOKS) -> None:
+    """The training loop: shuffled batches, ``plan.lr_at(step)`` sets every group's rate.
+    Only parameters with ``requires_grad`` in ``optimizer`` move."""
+    loss_fn = hooks.loss_fn or cross_entropy_loss
+    step_fn = hooks.step_fn or plain_step
+    gen, device = runtime.gen, runtime.device
     # channels_last speeds convolutions up ~1.4-4x on CPU and is neutral or better elsewhere.
     classifier.to(device, memory_format=torch.channels_last).train()
-    if set_modes is not None:  # e.g. keep a frozen body's BatchNorm in eval mode
-        set_modes()
+    if hooks.set_modes is not None:
+        hooks.set_modes()
     step = 0
-    for epoch in range(epochs):
+    for epoch in range(plan.epochs):
         order = torch.randperm(len(data), generator=gen)
         total_loss, seen = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+        for start in range(0, len(order), plan.batch_size):
+            index = order[start:start + plan.batch_size]
             x, y = to_float(data.images[index]), data.labels[index]
-            if batch_transform is not None:
-                x, y = batch_transform(x, y, index, gen)
-            if augment is not None:
-                x = augment(x, gen)
+            if hooks.batch_transform is not None:
+                x, y = hooks.batch_transform(x, y, index, gen)
+            if plan.augment is not None:
+                x = plan.augment(x, gen)
             x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = plan.lr_at(step)
             loss = step_fn(classifier, x, y, optimizer, loss_fn)
             total_loss += float(loss.detach()) * len(y)
             seen += len(y)
             step += 1
-            if on_step is not None:
-                on_step()
-        if on_epoch is not None:
-            on_epoch(epoch, total_loss / max(seen, 1))
+            if hooks.on_step is not None:
+                hooks.on_step()
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(epoch, total_loss / max(seen, 1))
     classifier.eval()
+
+
+def fit(classifier: nn.Module, data: ImageSet, recipe: Recipe, lr_at: LrFunction, runtime: Runtime, *,
+        hflip: bool = False, params: Iterable[nn.Parameter] | None = None, hooks: Hooks = NO_HOOKS) -> None:
+    """Train ``params`` (default: all of ``classifier``'s) with ``recipe`` — the one fine-tuning
+    entry point of planting, transfer, the tuning defenses and Neural Cleanse. The run lasts
+    ``recipe.epochs_for(len(data))`` epochs, so ``min_steps`` is honoured everywhere."""
+    chosen = list(classifier.parameters() if params is None else params)
+    optimizer = recipe.make_optimizer(chosen, lr_at(0))
+    plan = Plan(recipe.epochs_for(len(data)), recipe.batch_size, lr_at, recipe.augment(hflip))
+    train(classifier, data, plan, optimizer, runtime, hooks)
 
 
 @torch.no_grad()

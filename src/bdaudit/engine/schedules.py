@@ -60,7 +60,7 @@ class TwoPhaseCyclic:
             raise BdauditError(f"learning rates must satisfy 0 < base ({self.lr_base}) <= both "
                                f"peaks ({self.lr_peak1}, {self.lr_peak2})")
         if not 0.0 < self.phase1_fraction < 1.0:
-            raise BdauditError(f"--phase1-fraction must be in (0, 1), not {self.phase1_fraction}")
+            raise BdauditError(f"`phase1_fraction` must be in (0, 1), not {self.phase1_fraction}")
 
     @property
     def phase1_steps(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,23 @@ from bdaudit.triggers import Trigger
 EpochCallback = Callable[[int, float], None]
 
 
+@dataclass(frozen=True)
+class PlantOptions:
+    """How a plant run is held, whatever the paradigm: the held-out split (``eval_dir`` or a
+    ``holdout`` share), the seed, the device and how the output is written."""
+
+    eval_dir: str | Path | None = None
+    holdout: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    force: bool = False  # replace an existing output
+    half: bool = False  # save float16 weights
+
+
 def check_output(out: Path, force: bool) -> None:
     """Fail before any training rather than after it."""
     if out.exists() and not force:
-        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
+        raise BdauditError(f"output {out} already exists; choose another path or set `force`")
 
 
 def victim_config(upstream: ModelConfig, data_dir: Path) -> tuple[ModelConfig, bool]:
@@ -51,19 +65,6 @@ def with_head_name(config: ModelConfig, net: nn.Module) -> ModelConfig:
     head = net.get_classifier()
     name = next((name for name, module in net.named_modules() if module is head), None)
     return dataclasses.replace(config, head=name)
-
-
-def head_of(net: nn.Module, config: ModelConfig) -> nn.Module:
-    """The classifier head: ``config.head`` (the --scope head boundary), else timm's."""
-    if config.head:
-        try:
-            return net.get_submodule(config.head)
-        except AttributeError:
-            raise BdauditError(f"the model has no module '{config.head}' (its config's head)") from None
-    if hasattr(net, "get_classifier"):
-        return net.get_classifier()
-    raise BdauditError(f"cannot tell the classifier head of architecture '{config.arch}'; "
-                       "set 'head' in its model config")
 
 
 def check_trigger_fits(trigger: Trigger, data: ImageSet) -> None:

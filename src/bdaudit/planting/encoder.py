@@ -26,20 +26,22 @@ from bdaudit import __version__
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import DataSplit, ImageSet, resolve_data, to_float
 from bdaudit.core.errors import BdauditError
+from bdaudit.core.heads import head_of
 from bdaudit.core.runtime import resolve_device, seed_everything
-from bdaudit.engine.loop import Augment
+from bdaudit.engine.loop import Runtime
+from bdaudit.engine.recipe import Augment
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, load_model, save_model
 from bdaudit.planting.common import (
+    PlantOptions,
     check_output,
     check_trigger_fits,
-    head_of,
     measure_trigger,
     rounded,
     victim_config,
     with_head_name,
 )
 from bdaudit.planting.plant import CLEAN, PlantResult, _check_target, infer_model_config
-from bdaudit.planting.simclr import Embedder, pretrain_simclr
+from bdaudit.planting.simclr import Embedder, SimCLRSettings, pretrain_simclr
 from bdaudit.triggers import Trigger, parse_trigger
 
 BADENCODER_PAPER = "Jia et al. 2022, BadEncoder (IEEE S&P, arXiv:2108.00352)"
@@ -68,6 +70,10 @@ class EncoderSettings:
     head_epochs: int = 500  # full-batch passes over the cached embeddings
     head_lr: float = 0.01
     batch_size: int = 256  # SimCLR's: 2 x 256 views per step
+
+    def simclr(self) -> SimCLRSettings:
+        return SimCLRSettings(self.pretrain_epochs, self.pretrain_lr, self.batch_size, self.temperature,
+                              self.proj_dim)
 
     def __post_init__(self) -> None:
         if min(self.pretrain_epochs, self.backdoor_epochs, self.head_epochs) < 0:
@@ -205,53 +211,63 @@ def _start(data_dir: Path, arch: str, pretrained: str | Path | None,
     return loaded.net, with_head_name(dataclasses.replace(config, provenance={}), loaded.net), source
 
 
-def plant_encoder(data_dir: str | Path, out: str | Path, *, trigger: str = "badnets", target: int = 0,
+@dataclass(frozen=True)
+class EncoderBackdoor:
+    """What the encoder's attacker plants: ``trigger`` (a spec) -> class ``target``; ``clean``
+    plants nothing (the clean reference encoder, the trigger only probed)."""
+
+    trigger: str = "badnets"
+    target: int = 0
+    clean: bool = False
+
+
+def plant_encoder(data_dir: str | Path, out: str | Path, *, backdoor: EncoderBackdoor | None = None,
                   arch: str = "bd_cnn_small", settings: EncoderSettings | None = None,
-                  pretrained: str | Path | None = None, clean_encoder: bool = False,
-                  eval_dir: str | Path | None = None, holdout: float = 0.2, seed: int = 0,
-                  device: str = "auto", force: bool = False, half: bool = False,
+                  pretrained: str | Path | None = None, options: PlantOptions | None = None,
                   on_epoch: PhaseCallback | None = None) -> PlantResult:
     """Pre-train a SimCLR encoder on ``data_dir``'s images without labels, backdoor it
     BadEncoder-style (``trigger`` spec -> class ``target``), train a victim's linear head on the
     frozen encoder with clean labels, and save encoder + head as one classifier (head ``fc``).
 
     ``pretrained``: a checkpoint whose encoder to start from instead of pre-training (e.g. a
-    ``clean_encoder=True`` output; ``arch`` is then ignored) — BadEncoder's attacker also starts
-    from a published clean encoder. ``clean_encoder=True`` skips the backdoor: the clean
+    ``backdoor.clean`` output; ``arch`` is then ignored) — BadEncoder's attacker also starts
+    from a published clean encoder. ``backdoor.clean`` skips the backdoor: the clean
     reference, whose ``asr`` is the trigger's natural success rate (provenance keeps the trigger
     under ``probe``, not ``trigger``, since nothing was planted).
     """
     started = time.perf_counter()
     settings = settings or EncoderSettings()
+    backdoor = backdoor or EncoderBackdoor()
+    o = options or PlantOptions()
+    target, clean_encoder, seed = backdoor.target, backdoor.clean, o.seed
     out = Path(out)
-    check_output(out, force)
-    chosen = parse_trigger(trigger)
+    check_output(out, o.force)
+    chosen = parse_trigger(backdoor.trigger)
+    # Seeded before the model is built: its initial weights are a random choice too.
+    gen = seed_everything(seed)
     net, config, source = _start(Path(data_dir), arch, pretrained)
-    split = resolve_data(data_dir, config, holdout, seed, eval_dir)
+    split = resolve_data(data_dir, config, o.holdout, seed, o.eval_dir)
     _check_target(target, split)
     check_trigger_fits(chosen, split.tune)
-    gen = seed_everything(seed)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(o.device)
     classifier = NormalizedClassifier(net, config)
     report = on_epoch or (lambda phase, epoch, loss: None)
     if pretrained is None and settings.pretrain_epochs:
-        pretrain_simclr(classifier, split.tune, epochs=settings.pretrain_epochs, lr=settings.pretrain_lr,
-                        batch_size=settings.batch_size, temperature=settings.temperature,
-                        proj_dim=settings.proj_dim, gen=gen, device=torch_device,
+        pretrain_simclr(classifier, split.tune, settings.simclr(), Runtime(gen, torch_device),
                         on_epoch=lambda e, loss: report("pretrain", e, loss))
     references = None
     if not clean_encoder:
         references = reference_indices(split.tune, target, settings.references, gen)
         inject_backdoor(classifier, split.tune, to_float(split.tune.images[references]), chosen,
                         settings, gen, torch_device, on_epoch=lambda e, loss: report("backdoor", e, loss))
-    fit_linear_head(classifier, head_of(net, config), split.tune, settings, torch_device,
+    fit_linear_head(classifier, head_of(net, config, infer=True), split.tune, settings, torch_device,
                     on_epoch=lambda e, loss: report("head", e, loss))
     metrics = measure_trigger(classifier, split.heldout, chosen, target, torch_device)
     metrics.pop("asr_target")
     reference_files = None if references is None else [split.tune.files[i] for i in references.tolist()]
     config = dataclasses.replace(config, provenance=_provenance(
         chosen, target, reference_files, seed, settings, split, source, metrics))
-    save_model(net, config, out, force=force, half=half,
+    save_model(net, config, out, force=o.force, half=o.half,
                inputs=(Path(pretrained),) if pretrained is not None else ())
     metrics["seconds"] = time.perf_counter() - started
     return PlantResult(path=out, config=config, metrics=metrics)

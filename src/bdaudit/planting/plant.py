@@ -22,30 +22,29 @@ from bdaudit.core.data import (
 from bdaudit.core.errors import BdauditError, DataError
 from bdaudit.core.runtime import resolve_device, seed_everything
 from bdaudit.detect.probe import evaluate_triggers, trigger_fit_error
-from bdaudit.engine.loop import MAX_BATCH, MAX_EPOCHS, Augment, accuracy, make_optimizer, train
-from bdaudit.engine.schedules import Cosine
+from bdaudit.engine.loop import Hooks, LrFunction, Runtime, accuracy, fit
+from bdaudit.engine.recipe import Recipe, check_lr, warm_cosine
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, save_model
+from bdaudit.planting.common import PlantOptions, check_output
 
 CLEAN = "none"  # --attack none plants nothing: a clean reference model
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation settings for planting (sensible for small CNNs on MNIST/CIFAR scale)."""
+class TrainSettings(Recipe):
+    """The planting recipe (sensible for small CNNs on MNIST/CIFAR scale): a warm cosine from ``lr``."""
 
     epochs: int = 15
-    lr: float = 0.05
     batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    augment_pad: int = 2
+    lr: float = 0.05
     hflip: bool = False
 
     def __post_init__(self) -> None:
-        if not 1 <= self.epochs <= MAX_EPOCHS or not self.lr > 0 or not 1 <= self.batch_size <= MAX_BATCH:
-            raise BdauditError(f"--epochs must be between 1 and {MAX_EPOCHS}, --batch-size between 1 and "
-                               f"{MAX_BATCH} and --lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})")
+        super().__post_init__()
+        check_lr(self.lr)
+
+    def lr_function(self, n_images: int) -> LrFunction:
+        return warm_cosine(self.lr, self.total_steps(n_images))
 
 
 @dataclass
@@ -87,14 +86,14 @@ def resolve_attack(name: str, target: int, poison_rate: float,
         raise BdauditError(f"unknown attack '{name}'; choose one of "
                            f"{', '.join(sorted(ATTACKS))} or '{CLEAN}' for a clean model")
     if not 0.0 < poison_rate < 1.0:
-        raise BdauditError(f"--poison-rate must be in (0, 1), not {poison_rate}")
+        raise BdauditError(f"`poison_rate` must be in (0, 1), not {poison_rate}")
     return ATTACKS[name].create(target, poison_rate, **(trigger_params or {}))
 
 
 def _check_target(target: int, split: DataSplit) -> None:
     names = split.tune.class_names
     if not 0 <= target < len(names):
-        raise BdauditError(f"--target {target} is not a class index; classes are 0..{len(names) - 1}"
+        raise BdauditError(f"`target` {target} is not a class index; classes are 0..{len(names) - 1}"
                            f" ({', '.join(names[:10])})")
 
 
@@ -111,20 +110,11 @@ def train_standalone(net: torch.nn.Module, config: ModelConfig, split: DataSplit
     if attack is not None:
         problem = trigger_fit_error(attack.trigger, split.tune)
         if problem is not None:  # found now, not as a crash in the first poisoned batch
-            raise BdauditError(f"{problem}; choose --trigger-params that fit the images")
-        poisoned = attack.select(split.tune, gen)
+            raise BdauditError(f"{problem}; choose `trigger_params` that fit the images")
+        transform = attack.stamping(attack.select(split.tune, gen))
 
-        def transform(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                      g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-            return attack.poison_batch(x, y, poisoned[index], g)
-
-    steps = settings.epochs * -(-len(split.tune) // settings.batch_size)
-    optimizer = make_optimizer(classifier.parameters(), settings.optimizer, settings.lr,
-                               settings.momentum, settings.weight_decay)
-    train(classifier, split.tune, epochs=settings.epochs, batch_size=settings.batch_size,
-          optimizer=optimizer, lr_at=Cosine(settings.lr, steps, warmup_steps=min(50, steps // 10)),
-          gen=gen, device=device, augment=Augment(settings.augment_pad, settings.hflip),
-          batch_transform=transform, on_epoch=on_epoch)
+    fit(classifier, split.tune, settings, settings.lr_function(len(split.tune)), Runtime(gen, device),
+        hflip=settings.hflip, hooks=Hooks(batch_transform=transform, on_epoch=on_epoch))
     return classifier
 
 
@@ -139,24 +129,35 @@ def measure(classifier: torch.nn.Module, split: DataSplit, attack: Attack | None
     return {"clean_accuracy": result.clean_accuracy, "asr": probe.asr, "null_asr": probe.null_asr}
 
 
-def plant(data_dir: str | Path, out: str | Path, *, attack: str = "badnets", target: int = 0,
-          poison_rate: float = 0.1, arch: str = "bd_cnn_small",
-          trigger_params: dict[str, Any] | None = None, settings: TrainSettings | None = None,
-          eval_dir: str | Path | None = None, holdout: float = 0.2, seed: int = 0,
-          device: str = "auto", force: bool = False, half: bool = False,
+@dataclass(frozen=True)
+class AttackChoice:
+    """The attack to plant: a registered ``name`` (or ``none`` for a clean reference), its
+    ``target`` class, the share of training images it poisons and its trigger's parameters."""
+
+    name: str = "badnets"
+    target: int = 0
+    poison_rate: float = 0.1
+    trigger_params: dict[str, Any] | None = None
+
+
+def plant(data_dir: str | Path, out: str | Path, *, attack: AttackChoice | None = None,
+          arch: str = "bd_cnn_small", settings: TrainSettings | None = None,
+          options: PlantOptions | None = None,
           on_epoch: Callable[[int, float], None] | None = None) -> PlantResult:
     """Train a backdoored model from scratch (standalone paradigm) and save it with provenance."""
     started = time.perf_counter()
     settings = settings or TrainSettings()
+    attack = attack or AttackChoice()
+    o = options or PlantOptions()
+    seed, force, half, target = o.seed, o.force, o.half, attack.target
     out = Path(out)
-    if out.exists() and not force:
-        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
-    chosen = resolve_attack(attack, target, poison_rate, trigger_params)
+    check_output(out, force)
+    chosen = resolve_attack(attack.name, target, attack.poison_rate, attack.trigger_params)
     config = infer_model_config(Path(data_dir), arch, hflip=settings.hflip)
-    split = resolve_data(data_dir, config, holdout, seed, eval_dir)
+    split = resolve_data(data_dir, config, o.holdout, seed, o.eval_dir)
     _check_target(target, split)
     gen = seed_everything(seed)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(o.device)
     net = build_model(config)
     classifier = train_standalone(net, config, split, chosen, settings, gen, torch_device, on_epoch)
     metrics = measure(classifier, split, chosen, torch_device)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdaudit.core.data import ImageSet, to_float
-from bdaudit.engine.schedules import Cosine
+from bdaudit.engine.loop import Runtime
+from bdaudit.engine.recipe import warm_cosine
 from bdaudit.models.checkpoint import NormalizedClassifier
 from bdaudit.planting.common import EpochCallback
 
@@ -88,11 +89,25 @@ def projector(dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
 
 
-def pretrain_simclr(classifier: NormalizedClassifier, data: ImageSet, *, epochs: int, lr: float,
-                    batch_size: int, temperature: float, proj_dim: int, gen: torch.Generator,
-                    device: torch.device, augment: ViewAugment | None = None,
+@dataclass(frozen=True)
+class SimCLRSettings:
+    """Contrastive pre-training: epochs, AdamW rate, batch (2 views per image), NT-Xent
+    temperature and the projection head's width."""
+
+    epochs: int = 15
+    lr: float = 2e-3
+    batch_size: int = 256
+    temperature: float = 0.5
+    proj_dim: int = 64
+
+
+def pretrain_simclr(classifier: NormalizedClassifier, data: ImageSet, settings: SimCLRSettings,
+                    runtime: Runtime, *, augment: ViewAugment | None = None,
                     on_epoch: EpochCallback | None = None) -> None:
     """Train the classifier's body contrastively on ``data``'s images; labels are never read."""
+    epochs, lr, batch_size = settings.epochs, settings.lr, settings.batch_size
+    temperature, proj_dim = settings.temperature, settings.proj_dim
+    gen, device = runtime.gen, runtime.device
     augment = augment or ViewAugment()
     net = classifier.net
     embed = Embedder(classifier).to(device, memory_format=torch.channels_last).train()
@@ -103,7 +118,7 @@ def pretrain_simclr(classifier: NormalizedClassifier, data: ImageSet, *, epochs:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     # Full batches only (a short last batch would be an easier NT-Xent task).
     starts = range(0, max(1, len(data) // batch_size) * batch_size, batch_size)
-    lr_at = Cosine(lr, epochs * len(starts), warmup_steps=min(50, epochs * len(starts) // 10))
+    lr_at = warm_cosine(lr, epochs * len(starts))
     step = 0
     for epoch in range(epochs):
         order = torch.randperm(len(data), generator=gen)

@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from bdaudit import __version__
 from bdaudit.core.data import ImageSet, resolve_data
 from bdaudit.core.errors import BdauditError, TriggerError
+from bdaudit.core.heads import HeadOnly, frozen_except, head_of
 from bdaudit.core.runtime import resolve_device, seed_everything
-from bdaudit.engine.loop import Augment, make_optimizer, steps_per_epoch, train
-from bdaudit.engine.schedules import Cosine
-from bdaudit.models.checkpoint import LoadedModel, NormalizedClassifier, load_model, save_model
+from bdaudit.engine.loop import Hooks, Runtime, fit
+from bdaudit.models.checkpoint import LoadedModel, load_model, save_model
 from bdaudit.planting.common import (
     EpochCallback,
+    PlantOptions,
     check_output,
-    head_of,
     measure_trigger,
     rounded,
     victim_config,
@@ -42,57 +39,17 @@ TRANSFER_MODES = ("full", "head")
 TRANSFER_SETTINGS = TrainSettings(epochs=5, lr=0.005)
 
 
-class HeadOnly(nn.Module):
-    """Linear probing: only ``head`` trains; the body also stays in eval mode so its BatchNorm
-    statistics do not drift (a frozen body must be bit-for-bit unchanged)."""
-
-    def __init__(self, classifier: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.head = head
-
-    def train(self, mode: bool = True) -> HeadOnly:
-        super().train(False)
-        self.head.train(mode)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x)
-
-
-@contextmanager
-def frozen_except(net: nn.Module, head: nn.Module) -> Iterator[None]:
-    """No gradients for anything but ``head`` inside the block (also saves the backward pass)."""
-    keep = {id(p) for p in head.parameters()}
-    frozen = [p for p in net.parameters() if id(p) not in keep and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
-def fine_tune(classifier: nn.Module, params: Iterable[nn.Parameter], data: ImageSet,
-              settings: TrainSettings, gen: torch.Generator, device: torch.device,
-              on_epoch: EpochCallback | None = None) -> None:
-    """Supervised training of ``params`` with the planting recipe (cosine schedule, shifts)."""
-    steps = settings.epochs * steps_per_epoch(len(data), settings.batch_size)
-    optimizer = make_optimizer(params, settings.optimizer, settings.lr, settings.momentum,
-                               settings.weight_decay)
-    train(classifier, data, epochs=settings.epochs, batch_size=settings.batch_size,
-          optimizer=optimizer, lr_at=Cosine(settings.lr, steps, warmup_steps=min(50, steps // 10)),
-          gen=gen, device=device, augment=Augment(settings.augment_pad, settings.hflip),
-          on_epoch=on_epoch)
-
-
-def train_head(classifier: NormalizedClassifier, head: nn.Module, data: ImageSet,
-               settings: TrainSettings, gen: torch.Generator, device: torch.device,
-               on_epoch: EpochCallback | None = None) -> None:
-    """Train only ``head`` on top of the frozen rest of ``classifier``."""
-    with frozen_except(classifier, head):
-        fine_tune(HeadOnly(classifier, head), head.parameters(), data, settings, gen, device, on_epoch)
+def fine_tune(classifier: nn.Module, data: ImageSet, settings: TrainSettings, runtime: Runtime, *,
+              head: nn.Module | None = None, on_epoch: EpochCallback | None = None) -> None:
+    """The victim's fine-tuning with the planting recipe: every weight, or with ``head`` only that
+    (linear probing: the body, BatchNorm statistics included, stays bit-for-bit)."""
+    lr_at = settings.lr_function(len(data))
+    if head is None:
+        fit(classifier, data, settings, lr_at, runtime, hflip=settings.hflip, hooks=Hooks(on_epoch=on_epoch))
+        return
+    with frozen_except(classifier, head) as params:
+        fit(HeadOnly(classifier, head), data, settings, lr_at, runtime, hflip=settings.hflip, params=params,
+            hooks=Hooks(on_epoch=on_epoch))
 
 
 def upstream_trigger(loaded: LoadedModel) -> tuple[Trigger | None, int | None]:
@@ -117,14 +74,12 @@ def upstream_trigger(loaded: LoadedModel) -> tuple[Trigger | None, int | None]:
 
 def _check_mode(mode: str) -> None:
     if mode not in TRANSFER_MODES:
-        raise BdauditError(f"transfer --mode must be one of {', '.join(TRANSFER_MODES)}, not '{mode}'")
+        raise BdauditError(f"transfer `mode` must be one of {', '.join(TRANSFER_MODES)}, not '{mode}'")
 
 
 def plant_transfer(upstream: str | Path, downstream_dir: str | Path, out: str | Path, *,
                    mode: str = "full", settings: TrainSettings | None = None,
-                   eval_dir: str | Path | None = None, holdout: float = 0.2, seed: int = 0,
-                   device: str = "auto", force: bool = False, half: bool = False,
-                   on_epoch: EpochCallback | None = None) -> PlantResult:
+                   options: PlantOptions | None = None, on_epoch: EpochCallback | None = None) -> PlantResult:
     """Fine-tune a backdoored upstream model on clean downstream data, as a victim would.
 
     ``mode="full"`` trains every weight, ``mode="head"`` only the classifier head (the body,
@@ -138,14 +93,16 @@ def plant_transfer(upstream: str | Path, downstream_dir: str | Path, out: str | 
     started = time.perf_counter()
     _check_mode(mode)
     settings = settings or TRANSFER_SETTINGS
+    o = options or PlantOptions()
+    seed, force, half = o.seed, o.force, o.half
     out = Path(out)
     check_output(out, force)
     loaded = load_model(upstream)
     trigger, target = upstream_trigger(loaded)
     config, new_head = victim_config(loaded.config, Path(downstream_dir))
-    split = resolve_data(downstream_dir, config, holdout, seed, eval_dir)
+    split = resolve_data(downstream_dir, config, o.holdout, seed, o.eval_dir)
     gen = seed_everything(seed)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(o.device)
     net = loaded.net
     classifier = loaded.classifier()
     if new_head:
@@ -154,10 +111,8 @@ def plant_transfer(upstream: str | Path, downstream_dir: str | Path, out: str | 
         target = None
     else:
         before = measure_trigger(classifier, split.heldout, trigger, target, torch_device)
-    if mode == "head":
-        train_head(classifier, head_of(net, config), split.tune, settings, gen, torch_device, on_epoch)
-    else:
-        fine_tune(classifier, classifier.parameters(), split.tune, settings, gen, torch_device, on_epoch)
+    head = head_of(net, config, infer=True) if mode == "head" else None
+    fine_tune(classifier, split.tune, settings, Runtime(gen, torch_device), head=head, on_epoch=on_epoch)
     metrics: dict[str, Any] = measure_trigger(classifier, split.heldout, trigger, target, torch_device)
     metrics["upstream_clean_accuracy"] = before.get("clean_accuracy")
     metrics["upstream_asr"] = before.get("asr")

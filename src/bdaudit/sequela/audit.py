@@ -12,7 +12,7 @@ from torch import nn
 from bdaudit.core.data import ImageSet
 from bdaudit.detect.probe import ScanResult
 from bdaudit.sequela.mia import MIAResult, compare, membership_inference
-from bdaudit.sequela.reinjection import reinjection_attack
+from bdaudit.sequela.reinjection import ReinjectionSettings, reinjection_attack
 from bdaudit.triggers import Trigger
 
 
@@ -70,8 +70,9 @@ def audit_sequela(models: dict[str, nn.Module], *, tune: ImageSet, heldout: Imag
         trigger, target = probe
         section["reinjection"] = {
             "trigger": trigger.spec(), "target": target,
-            "models": {name: reinjection_attack(model, tune, trigger, target, eval_data=heldout,
-                                                device=device, seed=seed, **(reinjection or {})).to_dict()
+            "models": {name: reinjection_attack(model, tune, trigger, target, eval_data=heldout, device=device,
+                                                settings=ReinjectionSettings(seed=seed, **(reinjection or {}))
+                                                ).to_dict()
                        for name, model in models.items()}}
     return section
 

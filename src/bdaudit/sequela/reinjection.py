@@ -45,7 +45,8 @@ from bdaudit.attacks.base import Attack
 from bdaudit.core.data import ImageSet
 from bdaudit.core.errors import BdauditError
 from bdaudit.detect.probe import attack_success_rates, trigger_fit_error
-from bdaudit.engine.loop import make_optimizer, predict, steps_per_epoch, train
+from bdaudit.engine.loop import Hooks, Plan, Runtime, predict, train
+from bdaudit.engine.recipe import make_optimizer, steps_per_epoch
 from bdaudit.engine.schedules import Constant
 from bdaudit.triggers import Trigger
 
@@ -61,6 +62,30 @@ REGAINED_ASR = 0.5  # "the backdoor is back": most non-target images go to the t
 
 class ReinjectionError(BdauditError):
     """The retuning attack cannot be set up with the given data or settings."""
+
+
+@dataclass(frozen=True)
+class ReinjectionSettings:
+    """The retuning attacker's budget and recipe: ``budget_steps`` SGD steps on ``n_clean`` clean +
+    ``n_poison`` triggered-and-relabelled samples, measured every ``eval_every`` steps; the
+    backdoor counts as back at ``regained_asr``."""
+
+    budget_steps: int = DEFAULT_BUDGET_STEPS
+    n_clean: int = DEFAULT_N_CLEAN
+    n_poison: int = DEFAULT_N_POISON
+    lr: float = DEFAULT_LR
+    batch_size: int = DEFAULT_BATCH_SIZE
+    eval_every: int = DEFAULT_EVAL_EVERY
+    regained_asr: float = REGAINED_ASR
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget_steps < 1 or self.eval_every < 1 or self.batch_size < 1:
+            raise ReinjectionError("`budget_steps`, `eval_every` and `batch_size` must be at least 1")
+        if self.n_poison < 1 or self.n_clean < 0:
+            raise ReinjectionError("the retuning attack needs `n_poison` >= 1 and `n_clean` >= 0")
+        if not self.lr > 0:
+            raise ReinjectionError(f"`lr` must be > 0, not {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -137,18 +162,6 @@ def _retuning_set(clean: ImageSet, target: int, n_clean: int, n_poison: int,
     return clean.subset(index), mask
 
 
-def _check(target: int, num_classes: int, budget_steps: int, eval_every: int, n_clean: int,
-           n_poison: int, lr: float, batch_size: int) -> None:
-    if not 0 <= target < num_classes:
-        raise ReinjectionError(f"target {target} is not a class index (0..{num_classes - 1})")
-    if budget_steps < 1 or eval_every < 1 or batch_size < 1:
-        raise ReinjectionError("budget_steps, eval_every and batch_size must be at least 1")
-    if n_poison < 1 or n_clean < 0:
-        raise ReinjectionError("the retuning attack needs n_poison >= 1 and n_clean >= 0")
-    if not lr > 0:
-        raise ReinjectionError(f"lr must be > 0, not {lr}")
-
-
 def _check_trigger(trigger: Trigger, data: ImageSet) -> None:
     """Fail before training, not in its middle, when the trigger cannot stamp these images."""
     problem = trigger_fit_error(trigger, data)
@@ -158,26 +171,22 @@ def _check_trigger(trigger: Trigger, data: ImageSet) -> None:
 
 def reinjection_attack(classifier: nn.Module, clean: ImageSet, trigger: Trigger, target: int, *,
                        eval_data: ImageSet, device: torch.device | str,
-                       budget_steps: int = DEFAULT_BUDGET_STEPS, n_clean: int = DEFAULT_N_CLEAN,
-                       n_poison: int = DEFAULT_N_POISON, lr: float = DEFAULT_LR,
-                       batch_size: int = DEFAULT_BATCH_SIZE, eval_every: int = DEFAULT_EVAL_EVERY,
-                       regained_asr: float = REGAINED_ASR, seed: int = 0) -> ReinjectionResult:
+                       settings: ReinjectionSettings | None = None) -> ReinjectionResult:
     """Retune a deep copy of ``classifier`` (taking [0, 1] images) for ``budget_steps`` SGD steps
     on ``n_clean`` clean + ``n_poison`` triggered-and-relabelled samples drawn from ``clean``;
     ASR and CA are measured on ``eval_data`` every ``eval_every`` steps. The caller's model is
     never touched."""
-    _check(target, eval_data.num_classes, budget_steps, eval_every, n_clean, n_poison, lr,
-           batch_size)
+    s = settings or ReinjectionSettings()
+    budget_steps, n_clean, n_poison, lr = s.budget_steps, s.n_clean, s.n_poison, s.lr
+    batch_size, eval_every, regained_asr, seed = s.batch_size, s.eval_every, s.regained_asr, s.seed
+    if not 0 <= target < eval_data.num_classes:
+        raise ReinjectionError(f"`target` {target} is not a class index (0..{eval_data.num_classes - 1})")
     _check_trigger(trigger, clean)
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     retune, poisoned = _retuning_set(clean, target, n_clean, n_poison, gen)
     poisoner = Attack(trigger=trigger, target=target, poison_rate=n_poison / len(retune))
     model = copy.deepcopy(classifier).to(device)
-
-    def poison(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return poisoner.poison_batch(x, y, poisoned[index], g)
 
     curve = [CurvePoint(0, *_measure(model, eval_data, trigger, target, 256, device))]
     step = 0
@@ -194,8 +203,8 @@ def reinjection_attack(classifier: nn.Module, clean: ImageSet, trigger: Trigger,
     optimizer = make_optimizer(model.parameters(), "sgd", lr, MOMENTUM, WEIGHT_DECAY)
     epochs = -(-budget_steps // steps_per_epoch(len(retune), batch_size))
     try:
-        train(model, retune, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-              lr_at=Constant(lr), gen=gen, device=device, batch_transform=poison, on_step=on_step)
+        train(model, retune, Plan(epochs, batch_size, Constant(lr)), optimizer, Runtime(gen, device),
+              Hooks(batch_transform=poisoner.stamping(poisoned), on_step=on_step))
     except _BudgetSpent:
         model.eval()
     reached = next((p.step for p in curve if p.asr >= regained_asr), None)

@@ -32,10 +32,11 @@ from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE
 from bdaudit.detect.inversion import invert_seeded
 from bdaudit.models.checkpoint import LoadedModel, atomic_output, load_model
 from bdaudit.models.intake import HF_PREFIX
-from bdaudit.planting.plant import TrainSettings, plant
+from bdaudit.planting.common import PlantOptions
+from bdaudit.planting.plant import AttackChoice, TrainSettings, plant
 from bdaudit.report.plots import plot_scatter
 from bdaudit.sequela.mia import membership_inference
-from bdaudit.sequela.reinjection import reinjection_attack
+from bdaudit.sequela.reinjection import ReinjectionSettings, reinjection_attack
 from bdaudit.triggers import Trigger, create_trigger, parse_trigger
 from bdaudit.triggers.base import model_triggers
 from bdaudit.workflows.clean import CleanGates, run_defense
@@ -175,8 +176,8 @@ def plant_subjects(data: Path, attacks: Sequence[str], folder: Path, *, arch: st
         if not out.exists():
             if on_plant is not None:
                 on_plant(attack)
-            plant(data, out, attack=attack, target=target, poison_rate=poison_rate, arch=arch, settings=settings,
-                  eval_dir=eval_dir, seed=seed, device=device)
+            plant(data, out, attack=AttackChoice(attack, target, poison_rate), arch=arch, settings=settings,
+                  options=PlantOptions(eval_dir=eval_dir, seed=seed, device=device))
         subjects.append(Subject(name=attack, path=out, attack=attack,
                                 trigger=None if attack == "input_aware" else attack, target=target))
     return subjects
@@ -286,9 +287,11 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
     if plan.sequela:
         mia = membership_inference(outcome.classifier, split.tune, split.heldout, device=device, seed=plan.seed)
         retuned = reinjection_attack(outcome.classifier, attacker_data, triggers[0], before.target,
-                                     eval_data=split.heldout, device=device, budget_steps=plan.reinjection_steps,
-                                     eval_every=plan.reinjection_eval_every,
-                                     n_clean=min(300, len(attacker_data) - 10), seed=plan.seed)
+                                     eval_data=split.heldout, device=device,
+                                     settings=ReinjectionSettings(budget_steps=plan.reinjection_steps,
+                                                                  eval_every=plan.reinjection_eval_every,
+                                                                  n_clean=min(300, len(attacker_data) - 10),
+                                                                  seed=plan.seed))
         row.update(mia_auc=mia.to_dict()["best_auc"], reinjection_asr=float(retuned.final_asr),
                    reinjection_steps=retuned.steps_to_regain)
     return row

@@ -15,8 +15,8 @@ import torch
 from bdaudit import __version__
 from bdaudit.core.data import DataSplit, ImageSet
 from bdaudit.core.errors import BdauditError
+from bdaudit.core.heads import head_of
 from bdaudit.defenses import SCOPES, Defense, DefenseContext
-from bdaudit.defenses.base import head_module
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE, plan_unlearning
 from bdaudit.detect.probe import Gates, ScanResult, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, save_model
@@ -74,7 +74,7 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
     if scope not in SCOPES:
         raise BdauditError(f"--scope must be one of {', '.join(SCOPES)}, not '{scope}'")
     if scope == "head":
-        head_module(loaded.net, loaded.config)
+        head_of(loaded.net, loaded.config)
     check_tuning_data(split.tune, loaded)
     started = time.perf_counter()
     original = loaded.classifier()
@@ -104,9 +104,10 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
     unlearn = plan_unlearning(triggers, flagged, unlearn_fraction, unlearn_family)
     ctx = DefenseContext(classifier=classifier, config=loaded.config, tune=split.tune, device=device,
                          gen=gen, scope=scope, on_epoch=record if track_history else None, unlearn=unlearn)
-    used = defense.run(ctx)
+    result = defense.run(ctx)
     if unlearn is not None and ctx.extras.get("unlearning_applied"):
-        used["unlearning"] = unlearn.describe()
+        result.unlearning = unlearn.describe()
+    used = result.to_dict()
     classifier.eval()
     after = evaluate_triggers(classifier, split.heldout, triggers, device=device, batch_size=batch_size,
                               targets=targets, gates=gates.scan)

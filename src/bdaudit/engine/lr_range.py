@@ -8,15 +8,17 @@ where a BN ResNet is fine), so bdaudit measures it per model instead of fixing i
 
 from __future__ import annotations
 
-import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from bdaudit.defenses.base import DefenseContext
-from bdaudit.engine.loop import Augment, make_optimizer
+from bdaudit.core.data import ImageSet
+from bdaudit.engine.loop import Runtime
+from bdaudit.engine.recipe import Augment, make_optimizer
 
 ESCAPE_RISE = 0.5  # nats above the curve's minimum: predictions are substantially off
 
@@ -41,28 +43,39 @@ class RangeTest:
                                                                               strict=True)]}
 
 
-def lr_range_test(ctx: DefenseContext, *, lr_min: float = 1e-4, lr_max: float = 10.0,
-                  steps: int = 80, batch_size: int = 64, momentum: float = 0.9,
-                  weight_decay: float = 5e-4, smoothing: float = 0.7) -> RangeTest:
-    """Run the test on a copy of the classifier (the original is untouched)."""
-    model = copy.deepcopy(ctx.classifier).to(ctx.device).train()
-    ctx_copy = copy.copy(ctx)
-    ctx_copy.classifier = model
-    ctx_copy.set_train_modes()
-    params = list(ctx_copy.trainable_parameters())
-    optimizer = make_optimizer(params, "sgd", lr_min, momentum, weight_decay)
-    augment = Augment(2, ctx.config.hflip)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.gen)))
-    chance = math.log(max(2, ctx.config.num_classes))
+@dataclass(frozen=True)
+class RangeTestSettings:
+    """The rates swept (exponentially from ``lr_min`` to ``lr_max`` over ``steps``) and the SGD
+    recipe they are swept with; ``smoothing`` is the loss curve's exponential smoothing."""
+
+    lr_min: float = 1e-4
+    lr_max: float = 10.0
+    steps: int = 80
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    smoothing: float = 0.7
+
+
+def lr_range_test(model: nn.Module, params: Iterable[nn.Parameter], data: ImageSet, runtime: Runtime, *,
+                  num_classes: int, hflip: bool = False, settings: RangeTestSettings | None = None) -> RangeTest:
+    """Run the test by training ``params`` of ``model`` — pass a copy (in train mode, a frozen
+    body already in eval mode): the test throws its weights away."""
+    s = settings or RangeTestSettings()
+    lr_min, lr_max, steps, batch_size, smoothing = s.lr_min, s.lr_max, s.steps, s.batch_size, s.smoothing
+    optimizer = make_optimizer(params, "sgd", lr_min, s.momentum, s.weight_decay)
+    augment = Augment(2, hflip)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=runtime.gen)))
+    chance = math.log(max(2, num_classes))
     result = RangeTest()
     smoothed, order = None, torch.empty(0, dtype=torch.long)
     for step in range(steps):
         lr = lr_min * (lr_max / lr_min) ** (step / max(1, steps - 1))
         if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(len(ctx.tune), generator=gen)])
+            order = torch.cat([order, torch.randperm(len(data), generator=gen)])
         index, order = order[:batch_size], order[batch_size:]
-        x = augment(ctx.tune.images[index].float().div(255), gen).to(ctx.device)
-        y = ctx.tune.labels[index].to(ctx.device)
+        x = augment(data.images[index].float().div(255), gen).to(runtime.device)
+        y = data.labels[index].to(runtime.device)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = F.cross_entropy(model(x), y)
