@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bdaudit.cli.app import with_flags
 from bdaudit.core.errors import BdauditError
 from bdaudit.core.outputs import keep_outputs
 from bdaudit.workflows.executors import EXECUTOR_NAMES, create_executor
@@ -54,7 +55,7 @@ def run_batch(run: Callable[..., BatchReport], models: list[Path], *args: Any, e
     def line(done: int, total: int, outcome: ModelOutcome) -> None:
         if outcome.report is None:
             Console(stderr=True, highlight=False).print(
-                f"[bold red]error:[/] model {escape(outcome.entry.name)}: {escape(outcome.error or '')}",
+                f"[bold red]error:[/] model {escape(outcome.entry.name)}: {escape(with_flags(outcome.error or ''))}",
                 soft_wrap=True)
         elif show:
             console.print(f"[{done}/{total}] {outcome.entry.name}: {outcome.status.upper()}", markup=False)

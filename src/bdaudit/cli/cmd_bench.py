@@ -8,19 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from bdaudit.cli.app import (
-    Debug,
-    Device,
-    HtmlOut,
-    Quiet,
-    Seed,
-    app,
-    guard_outputs,
-    guarded,
-    parse_settings,
-    write_rendered,
-)
+from bdaudit.cli.app import app, guard_outputs, guarded, parse_settings, with_flags, write_rendered
 from bdaudit.cli.batch import ExecutorName, RayAddress
+from bdaudit.cli.options import Debug, Device, HtmlOut, Quiet, Seed
 from bdaudit.core.errors import BdauditError
 
 PLANT = "Planting (without --models)"
@@ -90,16 +80,14 @@ def bench(
     or 3 (anything else).
     """
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
+    from bdaudit import api
     from bdaudit.defenses import DEFENSES
-    from bdaudit.planting.plant import TrainSettings
     from bdaudit.report.render import bench_tables
     from bdaudit.workflows.bench import (
-        BenchPlan,
         Subject,
         clean_sizes_from,
         method_label,
         plant_subjects,
-        run_bench,
         subjects_from_manifest,
     )
     from bdaudit.workflows.executors import create_executor
@@ -120,12 +108,12 @@ def bench(
         if not names:
             raise BdauditError("--data plants models: name the attacks with --attacks badnets,blended,...")
         train_size = train_size or sum(1 for p in data.rglob("*") if p.is_file())
-        subjects = plant_subjects(data, names, out_dir / "models", arch=arch, poison_rate=poison_rate,
-                                  target=target, settings=TrainSettings(epochs=epochs), eval_dir=eval_data,
-                                  seed=seed, device=device,
+        subjects = plant_subjects(api.DataOptions(data, eval_data), names, out_dir / "models",
+                                  api.PlantOptions(arch=arch, poison_rate=poison_rate, target=target, epochs=epochs),
+                                  api.Runtime(device, 128, seed),
                                   on_plant=lambda a: None if quiet else console.print(f"planting {a} ..."))
     sizes = clean_sizes_from(clean_fraction or (), clean_size or (), train_size)
-    plan = BenchPlan(methods=tuple(chosen_methods), clean_sizes=sizes or (100,),
+    plan = api.BenchPlan(methods=tuple(chosen_methods), clean_sizes=sizes or (100,),
                      method_settings=method_settings(set_, [method_label(m) for m in chosen_methods]),
                      sequela=not no_sequela,
                      reinjection_steps=reinjection_steps, seed=seed)
@@ -133,7 +121,7 @@ def bench(
     def progress(index: int, total: int, row: dict[str, Any], reused: bool) -> None:
         if "error" in row:
             console.print(f"[{index}/{total}] {row['model']} {row['clean_images']} clean {row['method']}: "
-                          f"FAILED: {row['error']}", markup=False)
+                          f"FAILED: {with_flags(row['error'])}", markup=False)
         elif not quiet:
             took = "cached" if reused else f"{row['seconds']:.0f}s"
             console.print(f"[{index}/{total}] {row['model']} {row['clean_images']} clean {row['method']}: "
@@ -141,8 +129,8 @@ def bench(
                           f"({took})", markup=False)
 
     with create_executor(executor, ray_address) as engine:
-        result = run_bench(subjects, clean_data, eval_data, plan, out_dir, device=device, on_cell=progress,
-                           executor=engine)
+        result = api.bench(subjects, api.DataOptions(clean_data, eval_data), plan, out_dir,
+                           runtime=api.Runtime(device, seed=seed), on_cell=progress, executor=engine)
     if html is not None:
         write_rendered(result.to_dict(), None, html)
     if not quiet:
