@@ -14,6 +14,7 @@ from torch import nn
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import ImageSet, _class_folders
 from bdaudit.core.errors import BdauditError, TriggerError
+from bdaudit.core.outputs import refuse_existing
 from bdaudit.detect.probe import evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import accuracy
 from bdaudit.triggers import Trigger
@@ -23,8 +24,7 @@ EpochCallback = Callable[[int, float], None]
 
 def check_output(out: Path, force: bool) -> None:
     """Fail before any training rather than after it."""
-    if out.exists() and not force:
-        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
+    refuse_existing(out, force)
 
 
 def victim_config(upstream: ModelConfig, data_dir: Path) -> tuple[ModelConfig, bool]:

@@ -14,12 +14,14 @@ from bdaudit import __version__
 from bdaudit.attacks import ATTACKS, Attack
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import (
+    IMAGE_SUFFIXES,
     DataSplit,
     Preprocessing,
     load_image_folder,
     resolve_data,
 )
 from bdaudit.core.errors import BdauditError, DataError
+from bdaudit.core.outputs import refuse_existing
 from bdaudit.core.runtime import resolve_device, seed_everything
 from bdaudit.detect.probe import evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import MAX_BATCH, MAX_EPOCHS, Augment, accuracy, make_optimizer, train
@@ -64,7 +66,7 @@ def infer_model_config(data_dir: Path, arch: str, in_chans: int | None = None,
     from PIL import Image
 
     first = next((p for p in sorted(data_dir.rglob("*")) if p.is_file()
-                  and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")), None)
+                  and p.suffix.lower() in IMAGE_SUFFIXES), None)
     if first is None:
         raise DataError(f"no images found under {data_dir}")
     with Image.open(first) as img:
@@ -149,8 +151,7 @@ def plant(data_dir: str | Path, out: str | Path, *, attack: str = "badnets", tar
     started = time.perf_counter()
     settings = settings or TrainSettings()
     out = Path(out)
-    if out.exists() and not force:
-        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
+    refuse_existing(out, force)
     chosen = resolve_attack(attack, target, poison_rate, trigger_params)
     config = infer_model_config(Path(data_dir), arch, hflip=settings.hflip)
     split = resolve_data(data_dir, config, holdout, seed, eval_dir)
