@@ -17,20 +17,18 @@ from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.detect.probe import Gates, evaluate_triggers
-from bdaudit.detect.unknown import detect_reasons
 from bdaudit.models.checkpoint import LoadedModel
 from bdaudit.planting.plant import PlantResult
 from bdaudit.report.document import Report, model_section
-from bdaudit.sequela.audit import SequelaGates, audit_sequela, reinjection_probe, sequela_reasons
+from bdaudit.sequela.audit import SequelaAudit, SequelaGates, audit_sequela, reinjection_probe
 from bdaudit.workflows.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
 from bdaudit.workflows.bench import BenchPlan, BenchResult, CellCallback, Subject, run_bench
 from bdaudit.workflows.clean import (
     CleanGates,
-    clean_reasons,
-    clean_section,
     run_defense,
     save_cleaned,
 )
+from bdaudit.workflows.clean_result import CleanFindings
 from bdaudit.workflows.executors import Executor, LocalExecutor
 from bdaudit.workflows.options import (
     CleanOptions,
@@ -44,11 +42,9 @@ from bdaudit.workflows.options import (
 from bdaudit.workflows.plant import PlantOptions, PlantProgress, TransferOptions, parse_params, plant_model
 from bdaudit.workflows.scan import (
     add_inverted,
-    detection_section,
     open_model_and_data,
     run_detector,
     run_scan,
-    scan_section,
     select_triggers,
 )
 
@@ -76,12 +72,10 @@ def scan(model: ModelLike, data: DataOptions, probe: ProbeOptions | None = None,
     loaded, split = open_model_and_data(model, data, runtime)
     advance = progress("scanning", len(split.heldout)) if progress else None
     outcome = run_scan(loaded, split, probe, gates, runtime, device, advance)
-    return Report(
-        kind="scan", model=model_section(loaded), data=split.info,
-        environment=environment_info(device, runtime.seed),
-        gates=gates.to_dict(), sections=outcome.sections(), reasons=outcome.reasons(),
-        wall_time_s=time.perf_counter() - started,
-        artifacts={"inversion": outcome.inversion} if outcome.inversion is not None else {})
+    return Report.of("scan", [outcome], model=model_section(loaded), data=split.info,
+                     environment=environment_info(device, runtime.seed), gates=gates.to_dict(),
+                     wall_time_s=time.perf_counter() - started,
+                     artifacts={"inversion": outcome.inversion} if outcome.inversion is not None else {})
 
 
 def clean(model: ModelLike, data: DataOptions, options: CleanOptions | None = None,
@@ -122,45 +116,27 @@ def clean(model: ModelLike, data: DataOptions, options: CleanOptions | None = No
     outcome = run_defense(defense, loaded, split, chosen, scope=options.scope, device=device, gen=gen,
                           batch_size=runtime.batch_size, gates=gates, target=probe.target,
                           on_epoch=on_epoch, unlearn_fraction=options.unlearn_fraction)
-    sections = {"scan": scan_section(outcome.after), "clean": clean_section(defense, options.scope, outcome, out)}
-    if inversion is not None:
-        sections["inversion"] = inversion.to_dict()
-    reasons = clean_reasons(outcome, gates)
-    sections["detection"] = detection_section(detection, probe.detect)
-    found = bool(outcome.before.flagged) or bool(detection is not None and detection.flagged)
-    sections["clean"]["finding"] = "backdoor detected" if found else "no backdoor detected; tuned anyway"
-    if detection is not None:
-        # Independent check: a fresh seed and a fresh inversion on the cleaned model, so the verdict
-        # does not rest on re-measuring the very triggers that were unlearned.
-        verify = run_detector(outcome.classifier, split, device, runtime.seed + 1, "on", False)
-        still = [c for c in verify.flagged if c in detection.flagged]
-        sections["verification"] = {**detection_section(verify, "on"), "before_flagged": detection.flagged,
-                                    "still_flagged": still,
-                                    "new_flagged": [c for c in verify.flagged if c not in detection.flagged]}
-        # A class reversed, unlearned and reversed again is a finding. A class flagged only after
-        # tuning is reported, not gated: tuning on a few hundred images shifts every class's margin,
-        # and on the blind benchmark such new flags were naturally easy classes (benchmarks/README.md).
-        reasons += [line for line in detect_reasons(sections["verification"], " after cleaning (fresh seed)")
-                    if any(f"class {split.tune.class_names[c]!r}" in line for c in still)]
-    all_gates: dict[str, float | None] = gates.to_dict()
+    # Independent check: a fresh seed and a fresh inversion on the cleaned model, so the verdict
+    # does not rest on re-measuring the very triggers that were unlearned.
+    verification = None if detection is None else \
+        run_detector(outcome.classifier, split, device, runtime.seed + 1, "on", False)
+    audit = None
     if options.sequela is not None:
-        sequela_options = options.sequela
         models = {"model": outcome.classifier, "original": loaded.classifier(),
-                  **_reference(sequela_options, model)}
+                  **_reference(options.sequela, model)}
         section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
                                 probe=reinjection_probe(outcome.before, chosen), device=device,
-                                seed=runtime.seed, members=_members(sequela_options, loaded),
-                                reinjection=sequela_options.reinjection)
-        sections["sequela"] = section
-        reasons += sequela_reasons(section, sequela_options.gates)
-        all_gates.update(sequela_options.gates.to_dict())
+                                seed=runtime.seed, members=_members(options.sequela, loaded),
+                                reinjection=options.sequela.reinjection)
+        audit = SequelaAudit(section, options.sequela.gates)
+    findings = CleanFindings(outcome, defense, options.scope, out, gates, split.tune.class_names, probe.detect,
+                             detection, verification, inversion, audit)
     if out is not None:
         save_cleaned(outcome, loaded, split, defense, options.scope, out, output.force)
-    return Report(
-        kind="clean", model=model_section(loaded), data=split.info,
-        environment=environment_info(device, runtime.seed), gates=all_gates, sections=sections,
-        reasons=reasons, wall_time_s=time.perf_counter() - started,
-        artifacts={"inversion": inversion} if inversion is not None else {})
+    return Report.of("clean", [findings], model=model_section(loaded), data=split.info,
+                     environment=environment_info(device, runtime.seed), gates=findings.gate_values(),
+                     wall_time_s=time.perf_counter() - started,
+                     artifacts={"inversion": inversion} if inversion is not None else {})
 
 
 def plan_schedule(model: ModelLike, data: DataOptions, options: CleanOptions | None = None, *,
@@ -219,11 +195,9 @@ def sequela(model: ModelLike, data: DataOptions, *, original: str | Path | None 
     section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
                             probe=reinjection_probe(found, chosen), device=device, seed=runtime.seed,
                             members=_members(options, loaded), reinjection=options.reinjection)
-    return Report(
-        kind="sequela", model=model_section(loaded), data=split.info,
-        environment=environment_info(device, runtime.seed), gates=options.gates.to_dict(),
-        sections={"sequela": section}, reasons=sequela_reasons(section, options.gates),
-        wall_time_s=time.perf_counter() - started)
+    return Report.of("sequela", [SequelaAudit(section, options.gates)], model=model_section(loaded),
+                     data=split.info, environment=environment_info(device, runtime.seed),
+                     gates=options.gates.to_dict(), wall_time_s=time.perf_counter() - started)
 
 
 def plant(data: DataOptions, output: OutputOptions, options: PlantOptions | None = None, *,

@@ -77,7 +77,8 @@ class OneLineErrors(TyperGroup):
 
 app = typer.Typer(name="bdaudit", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, cls=OneLineErrors,
-                  help="Audit image classifiers for backdoors and remove them by super-fine-tuning.")
+                  help="Audit image classifiers for backdoors and remove them by fine-tuning (FT-SAM plus "
+                       "trigger unlearning by default).")
 
 F = TypeVar("F", bound=Callable[..., Any])
 

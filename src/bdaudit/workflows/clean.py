@@ -20,8 +20,8 @@ from bdaudit.defenses.base import head_module
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE, plan_unlearning
 from bdaudit.detect.probe import Gates, ScanResult, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, save_model
-from bdaudit.report.document import scan_section
 from bdaudit.triggers import Trigger
+from bdaudit.workflows.scan import scan_section
 
 MIN_IMAGES_PER_CLASS = 5  # below this the tuning set cannot represent a class
 
