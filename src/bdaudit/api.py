@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bdaudit.core.data import load_image_folder, resolve_preprocessing
+from bdaudit.core.data import DataSplit, load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
 from bdaudit.core.outputs import check_outputs, refuse_existing
 from bdaudit.core.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
@@ -57,6 +57,14 @@ Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> adva
 ModelLike = str | Path | ModelOptions  # a checkpoint path, or one with its flags and config
 
 
+def _open(model: ModelOptions, data: DataOptions, runtime: Runtime) -> tuple[Any, Any, LoadedModel, DataSplit]:
+    """Every command's start: the device, the seeded generator, the model and its data split."""
+    device = resolve_device(runtime.device)
+    gen = seed_everything(runtime.seed)
+    loaded, split = open_model_and_data(model, data, runtime)
+    return device, gen, loaded, split
+
+
 def scan(model: ModelLike, data: DataOptions, probe: ProbeOptions | None = None, *,
          gates: Gates | None = None, runtime: Runtime | None = None,
          progress: Progress | None = None) -> Report:
@@ -67,9 +75,7 @@ def scan(model: ModelLike, data: DataOptions, probe: ProbeOptions | None = None,
     model, probe = ModelOptions.of(model), probe or ProbeOptions()
     runtime = runtime or Runtime()
     gates = gates or Gates()
-    device = resolve_device(runtime.device)
-    seed_everything(runtime.seed)
-    loaded, split = open_model_and_data(model, data, runtime)
+    device, _, loaded, split = _open(model, data, runtime)
     advance = progress("scanning", len(split.heldout)) if progress else None
     outcome = run_scan(loaded, split, probe, gates, runtime, device, advance)
     return Report.of("scan", [outcome], model=model_section(loaded), data=split.info,
@@ -103,9 +109,7 @@ def clean(model: ModelLike, data: DataOptions, options: CleanOptions | None = No
     check_outputs([("`out`", out)], [model.path, data.path, data.eval_path])
     defense = create_defense(options.method, options.settings)
     check_unlearn_fraction(options.unlearn_fraction)
-    device = resolve_device(runtime.device)
-    gen = seed_everything(runtime.seed)
-    loaded, split = open_model_and_data(model, data, runtime)
+    device, gen, loaded, split = _open(model, data, runtime)
     chosen = select_triggers(loaded, probe.triggers, probe.triggers_file, split.heldout)
     detection = run_detector(loaded.classifier(), split, device, runtime.seed, probe.detect, probe.explicit)
     if detection is not None:
@@ -148,9 +152,7 @@ def plan_schedule(model: ModelLike, data: DataOptions, options: CleanOptions | N
     if not isinstance(defense, SuperFineTuning):
         raise BdauditError(f"only SFT has a cyclic schedule to plan; `method` {options.method} has none: "
                            "use `method` sft")
-    device = resolve_device(runtime.device)
-    gen = seed_everything(runtime.seed)
-    loaded, split = open_model_and_data(model, data, runtime)
+    device, gen, loaded, split = _open(model, data, runtime)
     ctx = DefenseContext(classifier=loaded.classifier(), config=loaded.config, tune=split.tune,
                          device=device, gen=gen, scope=options.scope)
     peak1, selection = choose_peak1(ctx, defense.settings)
@@ -181,9 +183,7 @@ def sequela(model: ModelLike, data: DataOptions, *, original: str | Path | None 
     model, probe = ModelOptions.of(model), probe or ProbeOptions()
     runtime = runtime or Runtime()
     options = options or SequelaOptions()
-    device = resolve_device(runtime.device)
-    seed_everything(runtime.seed)
-    loaded, split = open_model_and_data(model, data, runtime)
+    device, _, loaded, split = _open(model, data, runtime)
     models: dict[str, Any] = {"model": loaded.classifier()}
     probe_model = loaded.classifier()
     if original is not None:

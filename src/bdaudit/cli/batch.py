@@ -43,6 +43,13 @@ def wants_batch(models: list[Path], executor: str, report_dir: Path | None) -> b
     return is_batch(models) or report_dir is not None or executor != "local"
 
 
+def one_report_only(batch: bool, sarif: Path | None, html: Path | None) -> None:
+    """SARIF and HTML render one model's report: refused for several models, before any work."""
+    if batch and (sarif is not None or html is not None):
+        raise BdauditError("--sarif/--html render one model's report: with several models use --report-dir "
+                           "and `bdaudit report DIR/NAME.json --html OUT.html`")
+
+
 def run_batch(run: Callable[..., BatchReport], models: list[Path], *args: Any, executor: str,
               ray_address: str | None, report_dir: Path | None, json_out: str | None, console: Console,
               show: bool, **options: Any) -> None:

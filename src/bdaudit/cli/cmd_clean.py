@@ -20,7 +20,7 @@ from bdaudit.cli.app import (
     require_inputs,
     trigger_inputs,
 )
-from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
+from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, one_report_only, run_batch, wants_batch
 from bdaudit.cli.options import (
     ConfigFile,
     DataDir,
@@ -139,9 +139,7 @@ def clean(
     guard_outputs([("--out", None if batch else out), ("--json", json_out), ("--sarif", sarif), ("--html", html)],
                   [*(p for m in model for p in model_flags.inputs(m)), data, eval_data, sequela_flags.members,
                    *model_inputs(sequela_flags.reference, None), config, triggers_file, *trigger_inputs(trigger)])
-    if batch and (sarif is not None or html is not None):
-        raise BdauditError("--sarif/--html render one model's report: with several models use --report-dir "
-                           "and `bdaudit report DIR/NAME.json --html OUT.html`")
+    one_report_only(batch, sarif, html)
     console, show = consoles(json_out, quiet)
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
     from bdaudit import api

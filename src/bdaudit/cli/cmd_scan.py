@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from bdaudit.cli.app import app, consoles, finish, guard_outputs, guarded, require_inputs, trigger_inputs
-from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
+from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, one_report_only, run_batch, wants_batch
 from bdaudit.cli.options import (
     BatchSize,
     ConfigFile,
@@ -29,7 +29,6 @@ from bdaudit.cli.options import (
     TriggerSpecs,
     option_groups,
 )
-from bdaudit.core.errors import BdauditError
 
 
 @app.command()
@@ -74,9 +73,7 @@ def scan(
     guard_outputs([("--json", json_out), ("--sarif", sarif), ("--html", html)],
                   [*(p for m in model for p in model_flags.inputs(m)), data, eval_data, triggers_file, config,
                    *trigger_inputs(trigger)])
-    if batch and (sarif is not None or html is not None):
-        raise BdauditError("--sarif/--html render one model's report: with several models use --report-dir "
-                           "and `bdaudit report DIR/NAME.json --html OUT.html`")
+    one_report_only(batch, sarif, html)
     console, show = consoles(json_out, quiet)
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
     from bdaudit import api
