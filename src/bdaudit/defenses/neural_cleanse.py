@@ -72,8 +72,8 @@ class NCSettings(TuneSettings):
                                      anomaly_threshold=self.anomaly_threshold, anomaly_scale=self.anomaly_scale)
         except BdauditError as exc:  # name the flag as this method spells it
             message = str(exc)
-            for short, long in (("--steps ", "--inversion-steps "), ("--batch-size ", "--inversion-batch-size "),
-                                ("--lr ", "--inversion-lr ")):
+            for short, long in (("`steps` ", "`inversion_steps` "), ("`batch_size` ", "`inversion_batch_size` "),
+                                ("`lr` ", "`inversion_lr` ")):
                 message = message.replace(short, long)
             raise BdauditError(message) from None
 

@@ -93,7 +93,7 @@ class InversionSettings:
                   "anomaly_scale": "l1 or log"}
         for name, ok in checks.items():
             if not ok:
-                raise BdauditError(f"--{name.replace('_', '-')} must be {wanted[name]}, not {getattr(self, name)}")
+                raise BdauditError(f"`{name}` must be {wanted[name]}, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True, eq=False)
