@@ -13,7 +13,7 @@ from bdaudit.core.data import DataSplit, load_image_folder, resolve_preprocessin
 from bdaudit.core.errors import BdauditError
 from bdaudit.core.outputs import check_outputs, refuse_existing
 from bdaudit.core.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
-from bdaudit.defenses import DefenseContext, create_defense
+from bdaudit.defenses import DEFENSES, DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.detect.probe import Gates, evaluate_triggers
@@ -22,7 +22,17 @@ from bdaudit.planting.plant import PlantResult
 from bdaudit.report.document import Report, model_section
 from bdaudit.sequela.audit import SequelaAudit, SequelaGates, audit_sequela, reinjection_probe
 from bdaudit.workflows.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
-from bdaudit.workflows.bench import BenchPlan, BenchResult, CellCallback, Subject, run_bench
+from bdaudit.workflows.bench import (
+    BenchPlan,
+    BenchResult,
+    CellCallback,
+    Subject,
+    clean_sizes_from,
+    method_label,
+    plant_subjects,
+    run_bench,
+    subjects_from_manifest,
+)
 from bdaudit.workflows.clean import (
     CleanGates,
     run_defense,
@@ -48,10 +58,11 @@ from bdaudit.workflows.scan import (
     select_triggers,
 )
 
-__all__ = ["BatchReport", "BenchPlan", "BenchResult", "CleanGates", "CleanOptions", "DataOptions", "Gates",
-           "ModelOptions", "OutputOptions", "PlantOptions", "ProbeOptions", "Report", "Runtime", "SequelaGates",
-           "SequelaOptions", "Subject", "TransferOptions", "bench", "clean", "clean_many", "parse_params",
-           "plan_schedule", "plant", "scan", "scan_many", "select_triggers", "sequela"]
+__all__ = ["DEFENSES", "BatchReport", "BenchPlan", "BenchResult", "CleanGates", "CleanOptions", "DataOptions",
+           "Gates", "ModelOptions", "OutputOptions", "PlantOptions", "ProbeOptions", "Report", "Runtime",
+           "SequelaGates", "SequelaOptions", "Subject", "TransferOptions", "bench", "clean", "clean_many",
+           "clean_sizes_from", "method_label", "parse_params", "plan_schedule", "plant", "plant_subjects", "scan",
+           "scan_many", "select_triggers", "sequela", "subjects_from_manifest"]
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
 ModelLike = str | Path | ModelOptions  # a checkpoint path, or one with its flags and config

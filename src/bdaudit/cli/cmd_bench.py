@@ -81,26 +81,18 @@ def bench(
     """
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
     from bdaudit import api
-    from bdaudit.defenses import DEFENSES
     from bdaudit.report.render import bench_tables
-    from bdaudit.workflows.bench import (
-        Subject,
-        clean_sizes_from,
-        method_label,
-        plant_subjects,
-        subjects_from_manifest,
-    )
     from bdaudit.workflows.executors import create_executor
 
     guard_outputs([*(("--out-dir", out_dir / name) for name in BENCH_OUTPUTS), ("--html", html)],
                   [clean_data, eval_data, models, data])
     console = Console(highlight=False)
-    chosen_methods = split_names(methods) or sorted(DEFENSES)
-    subjects: list[Subject]
+    chosen_methods = split_names(methods) or sorted(api.DEFENSES)
+    subjects: list[api.Subject]
     if (models is None) == (data is None):
         raise BdauditError("bench needs exactly one source of models: --models MANIFEST or --data DIR to plant on")
     if models is not None:
-        subjects = subjects_from_manifest(models, split_names(attacks))
+        subjects = api.subjects_from_manifest(models, split_names(attacks))
         guard_outputs([("--out-dir", out_dir / name) for name in BENCH_OUTPUTS], [s.path for s in subjects])
     else:
         assert data is not None
@@ -108,13 +100,13 @@ def bench(
         if not names:
             raise BdauditError("--data plants models: name the attacks with --attacks badnets,blended,...")
         train_size = train_size or sum(1 for p in data.rglob("*") if p.is_file())
-        subjects = plant_subjects(api.DataOptions(data, eval_data), names, out_dir / "models",
+        subjects = api.plant_subjects(api.DataOptions(data, eval_data), names, out_dir / "models",
                                   api.PlantOptions(arch=arch, poison_rate=poison_rate, target=target, epochs=epochs),
                                   api.Runtime(device, 128, seed),
                                   on_plant=lambda a: None if quiet else console.print(f"planting {a} ..."))
-    sizes = clean_sizes_from(clean_fraction or (), clean_size or (), train_size)
+    sizes = api.clean_sizes_from(clean_fraction or (), clean_size or (), train_size)
     plan = api.BenchPlan(methods=tuple(chosen_methods), clean_sizes=sizes or (100,),
-                     method_settings=method_settings(set_, [method_label(m) for m in chosen_methods]),
+                     method_settings=method_settings(set_, [api.method_label(m) for m in chosen_methods]),
                      sequela=not no_sequela,
                      reinjection_steps=reinjection_steps, seed=seed)
 
