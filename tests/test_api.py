@@ -80,3 +80,17 @@ def test_model_options_carry_flags_to_every_load(badnets_model: PlantResult, eva
     with pytest.raises(BdauditError, match="num_classes is 3"):
         api.scan(wrong, api.DataOptions(eval_dir), api.ProbeOptions(triggers=["badnets"], detect="off"),
                  runtime=api.Runtime("cpu"))
+
+
+def test_plant_transfer_fine_tunes_the_given_upstream(badnets_model: PlantResult, clean_dir: Path,
+                                                      eval_dir: Path, tmp_path: Path) -> None:
+    epochs: list[tuple[str, int, int | None]] = []
+    result = api.plant(api.DataOptions(clean_dir, eval_dir), api.OutputOptions(tmp_path / "victim.safetensors"),
+                       api.PlantOptions(paradigm="transfer", epochs=1),
+                       transfer=api.TransferOptions(upstream=badnets_model.path, downstream_data=clean_dir,
+                                                    mode="head"),
+                       runtime=api.Runtime("cpu", 64, 0),
+                       on_epoch=lambda phase, epoch, total, loss: epochs.append((phase, epoch, total)))
+    assert result.path.exists() and epochs == [("", 0, 1)]
+    provenance = api.ModelOptions(result.path).load().config.provenance
+    assert provenance["paradigm"] == "transfer" and provenance["mode"] == "head"
