@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bdaudit.core.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
 from bdaudit.core.errors import BdauditError
 from bdaudit.sequela.audit import SequelaGates
+
+if TYPE_CHECKING:
+    from bdaudit.models.checkpoint import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class ModelOptions:
     def of(cls, model: str | Path | ModelOptions) -> ModelOptions:
         return model if isinstance(model, ModelOptions) else cls(path=model)
 
-    def load(self, path: str | Path | None = None) -> Any:
+    def load(self, path: str | Path | None = None) -> LoadedModel:
         """The checkpoint at ``path`` (default: ``self.path``), read with these flags and config."""
         from bdaudit.models.checkpoint import load_model
 
