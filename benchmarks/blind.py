@@ -180,7 +180,7 @@ def run(entry: tuple) -> dict:
     before = true_metrics(path, trigger, arch)
     data = api.DataOptions(MNIST / "clean")
     t0 = time.perf_counter()
-    scan = api.scan(path, data, model_flags=user_flags(arch))
+    scan = api.scan(api.ModelOptions(path, user_flags(arch)), data)
     scan_s = time.perf_counter() - t0
     det = scan.sections["detection"]
     scores = {f["family"]: max((r["anomaly_index"] or 0) for r in f["classes"] if r["flagged"] or True)
@@ -188,7 +188,7 @@ def run(entry: tuple) -> dict:
     out = CACHE / f"{name}.cleaned.safetensors"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    cleaned = api.clean(path, data, out, model_flags=user_flags(arch))
+    cleaned = api.clean(api.ModelOptions(path, user_flags(arch)), data, output=api.OutputOptions(out))
     clean_s = time.perf_counter() - t0
     after = true_metrics(out, trigger, arch)
     ver = cleaned.sections.get("verification", {})

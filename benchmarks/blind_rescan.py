@@ -40,8 +40,8 @@ def main() -> None:
         if (args.only and name not in args.only) or not path.exists():
             continue
         started = time.perf_counter()
-        report = api.scan(path, api.DataOptions(ROOT / "sample_data" / "mnist" / "clean"),
-                          model_flags=user_flags(entry[3]))
+        report = api.scan(api.ModelOptions(path, user_flags(entry[3])),
+                          api.DataOptions(ROOT / "sample_data" / "mnist" / "clean"))
         detection = report.sections["detection"]
         row = {"model": name, "commit": commit, "scan_passed": report.passed, "detected": detection["flagged"],
                "refined": detection.get("refined"), "seconds": round(time.perf_counter() - started, 1)}

@@ -25,8 +25,8 @@ RUNS = {"default": (DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION), "ft": ("ft", 0.0)
 def run(model: str, label: str) -> dict[str, Any]:
     method, fraction = RUNS[label]
     planted = manifest()[model]["trigger"]
-    report = api.clean(SAMPLES / f"{model}.safetensors", api.DataOptions(DATA / "clean", DATA / "eval"), None,
-                       method=method, unlearn_fraction=fraction, runtime=api.Runtime("cpu", 256, 0))
+    report = api.clean(SAMPLES / f"{model}.safetensors", api.DataOptions(DATA / "clean", DATA / "eval"),
+                       api.CleanOptions(method, unlearn_fraction=fraction), runtime=api.Runtime("cpu", 256, 0))
     clean = report.sections["clean"]
     before = {t["trigger"]: t for t in clean["before"]["triggers"] if not t["error"]}
     after = {t["trigger"]: t for t in clean["after"]["triggers"] if not t["error"]}

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bdaudit.planting import EncoderBackdoor, PlantOptions, plant_encoder
+from bdaudit.planting import EncoderBackdoor, PlantRun, plant_encoder
 from bdaudit.planting.plant import AttackChoice, PlantResult, TrainSettings, plant
 
 DATA = Path("sample_data/mnist")
@@ -55,7 +55,7 @@ def manifest_entry(name: str, result: PlantResult) -> dict[str, Any]:
 
 def plant_encoders(out: Path) -> dict[str, PlantResult]:
     """A clean SimCLR encoder + linear head, and the same encoder backdoored BadEncoder-style."""
-    options = PlantOptions(eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True)
+    options = PlantRun(eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True)
     clean = plant_encoder(DATA / "train", out / "encoder_clean.safetensors",
                           backdoor=EncoderBackdoor("badnets", TARGET, clean=True), options=options)
     bad = plant_encoder(DATA / "train", out / "badencoder.safetensors", backdoor=EncoderBackdoor("badnets", TARGET),
@@ -77,7 +77,7 @@ def main() -> None:
         started = time.perf_counter()
         result = plant(DATA / "train", args.out / f"{name}.safetensors",
                        attack=AttackChoice(attack, TARGET, rate or 0.1, params), settings=SETTINGS,
-                       options=PlantOptions(eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True))
+                       options=PlantRun(eval_dir=DATA / "eval", seed=SEED, device="cpu", force=True))
         models[name] = manifest_entry(name, result)
         print(f"{name}: {models[name]} ({time.perf_counter() - started:.0f}s)", flush=True)
         manifest["data"] = {"train": str(DATA / "train"), "eval": str(DATA / "eval"),

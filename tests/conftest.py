@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdaudit.planting.common import PlantOptions
+from bdaudit.planting.common import PlantRun
 from bdaudit.planting.plant import AttackChoice, PlantResult, TrainSettings, plant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +56,11 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def badnets_model(train_dir: Path, eval_dir: Path, models_dir: Path) -> PlantResult:
     """A tiny CNN with a BadNets backdoor to class 0 (trained once per session)."""
     return plant(train_dir, models_dir / "badnets.safetensors", attack=AttackChoice("badnets", 0, 0.1),
-                 arch="bd_cnn_tiny", settings=TINY_SETTINGS, options=PlantOptions(eval_dir=eval_dir, device="cpu"))
+                 arch="bd_cnn_tiny", settings=TINY_SETTINGS, options=PlantRun(eval_dir=eval_dir, device="cpu"))
 
 
 @pytest.fixture(scope="session")
 def clean_model(train_dir: Path, eval_dir: Path, models_dir: Path) -> PlantResult:
     """The same tiny CNN trained on the same data without poisoning."""
     return plant(train_dir, models_dir / "clean.safetensors", attack=AttackChoice("none"), arch="bd_cnn_tiny",
-                 settings=TINY_SETTINGS, options=PlantOptions(eval_dir=eval_dir, device="cpu"))
+                 settings=TINY_SETTINGS, options=PlantRun(eval_dir=eval_dir, device="cpu"))

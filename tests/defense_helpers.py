@@ -18,9 +18,10 @@ def clean_badnets(method: str, model: PlantResult, clean_dir: Path, eval_dir: Pa
     unlearning is off unless asked, so each defense is tested on its own."""
     if "min_steps" in DEFENSES[method].settings_cls.__dataclass_fields__:
         settings.setdefault("min_steps", 0)
-    report = api.clean(model.path, api.DataOptions(clean_dir, eval_dir), None, method=method,
-                       settings=settings, triggers=("badnets",), gates=CleanGates(max_accuracy_drop=None),
-                       runtime=api.Runtime("cpu", 256, 0), unlearn_fraction=unlearn_fraction)
+    report = api.clean(model.path, api.DataOptions(clean_dir, eval_dir),
+                       api.CleanOptions(method, settings, unlearn_fraction=unlearn_fraction),
+                       api.ProbeOptions(triggers=("badnets",)), gates=CleanGates(max_accuracy_drop=None),
+                       runtime=api.Runtime("cpu", 256, 0))
     section = report.sections["clean"]
     return {"asr_before": section["before"]["triggers"][0]["asr"],
             "asr_after": section["after"]["triggers"][0]["asr"],

@@ -1,4 +1,5 @@
-"""bdaudit: audit image classifiers for backdoors and remove them by super-fine-tuning."""
+"""bdaudit: audit image classifiers for backdoors and remove them by fine-tuning (FT-SAM plus
+trigger unlearning by default)."""
 
 import os
 

@@ -3,296 +3,234 @@ unless asked), so Python users and CI scripts get exactly what the CLI prints.""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bdaudit.core.data import DataSplit, ImageSet, load_image_folder, resolve_data, resolve_preprocessing
-from bdaudit.core.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
-from bdaudit.core.errors import BdauditError, TriggerError
-from bdaudit.core.outputs import check_outputs
+from bdaudit.core.data import DataSplit, load_image_folder, resolve_preprocessing
+from bdaudit.core.errors import BdauditError
+from bdaudit.core.outputs import check_outputs, refuse_existing
 from bdaudit.core.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
-from bdaudit.defenses import DefenseContext, create_defense
+from bdaudit.defenses import DEFENSES, DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
-from bdaudit.detect.inversion import inversion_reasons, invert_seeded
-from bdaudit.detect.probe import Gates, evaluate_triggers, trigger_fit_error
-from bdaudit.detect.unknown import detect_reasons, detect_unknown, detector_enabled
-from bdaudit.models.checkpoint import LoadedModel, load_model
-from bdaudit.models.intake import check_data_channels
-from bdaudit.report.document import Report, model_section, scan_reasons, scan_section
-from bdaudit.sequela.audit import SequelaGates, audit_sequela, reinjection_probe, sequela_reasons
-from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
-from bdaudit.triggers.base import model_triggers
+from bdaudit.detect.probe import Gates, evaluate_triggers
+from bdaudit.models.checkpoint import LoadedModel
+from bdaudit.planting.plant import PlantResult
+from bdaudit.report.document import Report, model_section
+from bdaudit.sequela.audit import SequelaAudit, SequelaGates, audit_sequela, reinjection_probe
 from bdaudit.workflows.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
+from bdaudit.workflows.bench import (
+    BenchPlan,
+    BenchResult,
+    CellCallback,
+    Subject,
+    clean_sizes_from,
+    method_label,
+    plant_subjects,
+    run_bench,
+    subjects_from_manifest,
+)
 from bdaudit.workflows.clean import (
     CleanGates,
-    clean_reasons,
-    clean_section,
     run_defense,
     save_cleaned,
 )
+from bdaudit.workflows.clean_result import CleanFindings
 from bdaudit.workflows.executors import Executor, LocalExecutor
+from bdaudit.workflows.options import (
+    CleanOptions,
+    DataOptions,
+    ModelOptions,
+    OutputOptions,
+    ProbeOptions,
+    Runtime,
+    SequelaOptions,
+)
+from bdaudit.workflows.plant import PlantOptions, PlantProgress, TransferOptions, parse_params, plant_model
+from bdaudit.workflows.scan import (
+    add_inverted,
+    open_model_and_data,
+    run_detector,
+    run_scan,
+    select_triggers,
+)
+
+__all__ = ["DEFENSES", "BatchReport", "BenchPlan", "BenchResult", "CleanGates", "CleanOptions", "DataOptions",
+           "Gates", "ModelOptions", "OutputOptions", "PlantOptions", "ProbeOptions", "Report", "Runtime",
+           "SequelaGates", "SequelaOptions", "Subject", "TransferOptions", "bench", "clean", "clean_many",
+           "clean_sizes_from", "method_label", "parse_params", "plan_schedule", "plant", "plant_subjects", "scan",
+           "scan_many", "select_triggers", "sequela", "subjects_from_manifest"]
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
+ModelLike = str | Path | ModelOptions  # a checkpoint path, or one with its flags and config
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how to compute: shared by every command."""
-
-    device: str = "auto"
-    batch_size: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise BdauditError(f"--batch-size must be at least 1, not {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class SequelaOptions:
-    """What the sequela audit may use beyond the clean data."""
-
-    members: Path | None = None  # known training samples of the original model
-    reference: Path | None = None  # a clean reference model of the same kind
-    gates: SequelaGates = SequelaGates()
-    reinjection: dict[str, Any] | None = None  # retuning-attack settings (budget_steps, lr, ...)
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """The clean data and how it is split into tuning and held-out parts."""
-
-    path: Path
-    eval_path: Path | None = None
-    holdout: float = 0.2
-
-
-def select_triggers(loaded: LoadedModel, specs: Sequence[str] = (),
-                    file: str | Path | None = None, data: ImageSet | None = None) -> list[Trigger]:
-    """``--trigger`` specs and ``--triggers FILE`` if given, else the whole default library plus
-    any trigger the checkpoint itself carries (e.g. an Input-aware generator). A trigger the user
-    named that does not fit ``data``'s images is bad input (a library default is only skipped)."""
-    chosen = [parse_trigger(spec) for spec in specs]
-    if file is not None:
-        chosen += load_trigger_file(Path(file))
-    for trigger in chosen if data is not None and len(data) else ():
-        problem = trigger_fit_error(trigger, data)
-        if problem is not None:
-            raise TriggerError(f"{problem}; choose parameters that fit the images")
-    return chosen or default_triggers() + model_triggers(loaded.aux)
-
-
-def open_model_and_data(model_path: str | Path, data: DataOptions, runtime: Runtime,
-                        model_flags: dict[str, Any] | None = None,
-                        model_config: str | Path | None = None) -> tuple[LoadedModel, DataSplit]:
-    loaded = load_model(model_path, model_flags, model_config)
-    check_data_channels(data.path, loaded.config.in_chans)
-    split = resolve_data(data.path, loaded.config, data.holdout, runtime.seed, data.eval_path)
-    return loaded, split
-
-
-def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] = (),
-         triggers_file: str | Path | None = None, target: int | None = None,
-         gates: Gates | None = None, runtime: Runtime | None = None,
-         model_flags: dict[str, Any] | None = None, model_config: str | Path | None = None,
-         progress: Progress | None = None, invert: bool = False, detect: str = "auto") -> Report:
-    """Probe a checkpoint with known triggers on held-out clean images and (``detect``, on by
-    default) look for *unknown* triggers with ``bdaudit.detect.unknown``; with ``invert``, also run Neural
-    Cleanse over every class."""
-    started = time.perf_counter()
-    runtime = runtime or Runtime()
-    gates = gates or Gates()
-    device = resolve_device(runtime.device)
-    seed_everything(runtime.seed)
-    loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
-    chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
-    detection = _detect(loaded.classifier(), split, device, runtime.seed, detect, bool(triggers or triggers_file))
-    if detection is not None:
-        chosen += detection.flagged_triggers()  # their held-out ASR (with its interval) is reported
-    advance = progress("scanning", len(split.heldout)) if progress else None
-    result = evaluate_triggers(loaded.classifier(), split.heldout, chosen, device=device,
-                               batch_size=runtime.batch_size, target=target, gates=gates,
-                               advance=advance)
-    sections, reasons = {"scan": scan_section(result)}, scan_reasons(result, gates)
-    sections["detection"] = _detection_section(detection, detect)
-    if detection is not None:
-        reasons += detect_reasons(sections["detection"])
-    if invert:
-        inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
-        sections["inversion"] = inversion.to_dict()
-        reasons += inversion_reasons(sections["inversion"])
-    return Report(
-        kind="scan", model=model_section(loaded), data=split.info,
-        environment=environment_info(device, runtime.seed),
-        gates=gates.to_dict(), sections=sections, reasons=reasons,
-        wall_time_s=time.perf_counter() - started, artifacts={"inversion": inversion} if invert else {})
-
-
-def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
-          method: str = DEFAULT_METHOD, settings: dict[str, Any] | None = None, scope: str = "full",
-          triggers: Sequence[str] = (), triggers_file: str | Path | None = None,
-          target: int | None = None, gates: CleanGates | None = None,
-          runtime: Runtime | None = None, model_flags: dict[str, Any] | None = None,
-          model_config: str | Path | None = None, force: bool = False,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          sequela: SequelaOptions | None = None,
-          unlearn_fraction: float = DEFAULT_UNLEARN_FRACTION, invert: bool = False,
-          detect: str = "auto") -> Report:
-    """Remove a backdoor from a copy of the model; ``out`` (if given) receives the cleaned
-    checkpoint, written atomically and never over the input. ``unlearn_fraction`` of each tuning
-    batch carries a trigger the first scan flagged, with its true label (0: off). With ``invert``,
-    Neural Cleanse first reverses a trigger per class and the outliers join the probed (and so the
-    unlearned) triggers: for backdoors outside the library. ``detect`` (on by default) does the same
-    with ``bdaudit.detect.unknown`` before cleaning, and again from scratch (a fresh seed) on the cleaned
-    model: the after-clean verdict does not rest only on the triggers that were unlearned."""
-    started = time.perf_counter()
-    runtime = runtime or Runtime()
-    gates = gates or CleanGates()
-    out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not force:
-        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
-    if out is not None and out.suffix != ".safetensors":
-        raise BdauditError(f"output {out} must end in .safetensors")
-    check_outputs([("--out", out)], [model_path, data.path, data.eval_path])
-    defense = create_defense(method, settings)
-    check_unlearn_fraction(unlearn_fraction)
+def _open(model: ModelOptions, data: DataOptions, runtime: Runtime) -> tuple[Any, Any, LoadedModel, DataSplit]:
+    """Every command's start: the device, the seeded generator, the model and its data split."""
     device = resolve_device(runtime.device)
     gen = seed_everything(runtime.seed)
-    loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
-    chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
-    explicit = bool(triggers or triggers_file)
-    detection = _detect(loaded.classifier(), split, device, runtime.seed, detect, explicit)
+    loaded, split = open_model_and_data(model, data, runtime)
+    return device, gen, loaded, split
+
+
+def scan(model: ModelLike, data: DataOptions, probe: ProbeOptions | None = None, *,
+         gates: Gates | None = None, runtime: Runtime | None = None,
+         progress: Progress | None = None) -> Report:
+    """Probe a checkpoint with known triggers on held-out clean images and (``probe.detect``, on by
+    default) look for *unknown* triggers with ``bdaudit.detect.unknown``; with ``probe.invert``,
+    also run Neural Cleanse over every class."""
+    started = time.perf_counter()
+    model, probe = ModelOptions.of(model), probe or ProbeOptions()
+    runtime = runtime or Runtime()
+    gates = gates or Gates()
+    device, _, loaded, split = _open(model, data, runtime)
+    advance = progress("scanning", len(split.heldout)) if progress else None
+    outcome = run_scan(loaded, split, probe, gates, runtime, device, advance)
+    return Report.of("scan", [outcome], model=model_section(loaded), data=split.info,
+                     environment=environment_info(device, runtime.seed), gates=gates.to_dict(),
+                     wall_time_s=time.perf_counter() - started,
+                     artifacts={"inversion": outcome.inversion} if outcome.inversion is not None else {})
+
+
+def clean(model: ModelLike, data: DataOptions, options: CleanOptions | None = None,
+          probe: ProbeOptions | None = None, *, output: OutputOptions | None = None,
+          gates: CleanGates | None = None, runtime: Runtime | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Report:
+    """Remove a backdoor from a copy of the model; ``output.out`` (if given) receives the cleaned
+    checkpoint, written atomically and never over the input. ``options.unlearn_fraction`` of each
+    tuning batch carries a trigger the first scan flagged, with its true label (0: off). With
+    ``probe.invert``, Neural Cleanse first reverses a trigger per class and the outliers join the
+    probed (and so the unlearned) triggers: for backdoors outside the library. ``probe.detect`` (on
+    by default) does the same with ``bdaudit.detect.unknown`` before cleaning, and again from scratch
+    (a fresh seed) on the cleaned model: the after-clean verdict does not rest only on the triggers
+    that were unlearned."""
+    started = time.perf_counter()
+    model, options, probe = ModelOptions.of(model), options or CleanOptions(), probe or ProbeOptions()
+    output = output or OutputOptions()
+    runtime = runtime or Runtime()
+    gates = gates or CleanGates()
+    out = Path(output.out) if output.out is not None else None
+    if out is not None:
+        refuse_existing(out, output.force)
+        if out.suffix != ".safetensors":
+            raise BdauditError(f"output {out} must end in .safetensors")
+    check_outputs([("`out`", out)], [model.path, data.path, data.eval_path])
+    defense = create_defense(options.method, options.settings)
+    check_unlearn_fraction(options.unlearn_fraction)
+    device, gen, loaded, split = _open(model, data, runtime)
+    chosen = select_triggers(loaded, probe.triggers, probe.triggers_file, split.heldout)
+    detection = run_detector(loaded.classifier(), split, device, runtime.seed, probe.detect, probe.explicit)
     if detection is not None:
         chosen += detection.unlearn_triggers()
     inversion = None
-    if invert:
-        inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
-        chosen += inversion.flagged_triggers()
-    outcome = run_defense(defense, loaded, split, chosen, scope=scope, device=device, gen=gen,
-                          batch_size=runtime.batch_size, gates=gates, target=target,
-                          on_epoch=on_epoch, unlearn_fraction=unlearn_fraction)
-    sections = {"scan": scan_section(outcome.after), "clean": clean_section(defense, scope, outcome, out)}
-    if inversion is not None:
-        sections["inversion"] = inversion.to_dict()
-    reasons = clean_reasons(outcome, gates)
-    sections["detection"] = _detection_section(detection, detect)
-    found = bool(outcome.before.flagged) or bool(detection is not None and detection.flagged)
-    sections["clean"]["finding"] = "backdoor detected" if found else "no backdoor detected; tuned anyway"
-    if detection is not None:
-        # Independent check: a fresh seed and a fresh inversion on the cleaned model, so the verdict
-        # does not rest on re-measuring the very triggers that were unlearned.
-        verify = _detect(outcome.classifier, split, device, runtime.seed + 1, "on", False)
-        still = [c for c in verify.flagged if c in detection.flagged]
-        sections["verification"] = {**_detection_section(verify, "on"), "before_flagged": detection.flagged,
-                                    "still_flagged": still,
-                                    "new_flagged": [c for c in verify.flagged if c not in detection.flagged]}
-        # A class reversed, unlearned and reversed again is a finding. A class flagged only after
-        # tuning is reported, not gated: tuning on a few hundred images shifts every class's margin,
-        # and on the blind benchmark such new flags were naturally easy classes (benchmarks/README.md).
-        reasons += [line for line in detect_reasons(sections["verification"], " after cleaning (fresh seed)")
-                    if any(f"class {split.tune.class_names[c]!r}" in line for c in still)]
-    all_gates: dict[str, float | None] = gates.to_dict()
-    if sequela is not None:
+    if probe.invert:
+        inversion, chosen = add_inverted(loaded.classifier(), split, device, runtime.seed, chosen)
+    outcome = run_defense(defense, loaded, split, chosen, scope=options.scope, device=device, gen=gen,
+                          batch_size=runtime.batch_size, gates=gates, target=probe.target,
+                          on_epoch=on_epoch, unlearn_fraction=options.unlearn_fraction)
+    # Independent check: a fresh seed and a fresh inversion on the cleaned model, so the verdict
+    # does not rest on re-measuring the very triggers that were unlearned.
+    verification = None if detection is None else \
+        run_detector(outcome.classifier, split, device, runtime.seed + 1, "on", False)
+    audit = None
+    if options.sequela is not None:
         models = {"model": outcome.classifier, "original": loaded.classifier(),
-                  **_reference(sequela, model_flags, model_config)}
+                  **_reference(options.sequela, model)}
         section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
                                 probe=reinjection_probe(outcome.before, chosen), device=device,
-                                seed=runtime.seed, members=_members(sequela, loaded),
-                                reinjection=sequela.reinjection)
-        sections["sequela"] = section
-        reasons += sequela_reasons(section, sequela.gates)
-        all_gates.update(sequela.gates.to_dict())
+                                seed=runtime.seed, members=_members(options.sequela, loaded),
+                                reinjection=options.sequela.reinjection)
+        audit = SequelaAudit(section, options.sequela.gates)
+    findings = CleanFindings(outcome, defense, options.scope, out, gates, split.tune.class_names, probe.detect,
+                             detection, verification, inversion, audit)
     if out is not None:
-        save_cleaned(outcome, loaded, split, defense, scope, out, force)
-    return Report(
-        kind="clean", model=model_section(loaded), data=split.info,
-        environment=environment_info(device, runtime.seed), gates=all_gates, sections=sections,
-        reasons=reasons, wall_time_s=time.perf_counter() - started,
-        artifacts={"inversion": inversion} if inversion is not None else {})
+        save_cleaned(outcome, loaded, split, defense, options.scope, out, output.force)
+    return Report.of("clean", [findings], model=model_section(loaded), data=split.info,
+                     environment=environment_info(device, runtime.seed), gates=findings.gate_values(),
+                     wall_time_s=time.perf_counter() - started,
+                     artifacts={"inversion": inversion} if inversion is not None else {})
 
 
-def _detect(classifier: Any, split: DataSplit, device: Any, seed: int, mode: str,
-            explicit: bool) -> Any:
-    if not detector_enabled(mode, explicit):
-        return None
-    return detect_unknown(classifier, split.tune, device=device, seed=seed)
-
-
-def _detection_section(detection: Any, mode: str) -> dict[str, Any]:
-    if detection is not None:
-        return {"ran": True, "mode": mode, **detection.to_dict()}
-    why = ("--detect off" if mode == "off" else
-           "--trigger/--triggers asked for specific triggers (add --detect on to also look for unknown ones)")
-    return {"ran": False, "mode": mode, "skipped_because": why}
-
-
-def plan_schedule(model_path: str | Path, data: DataOptions, *, method: str = "sft",
-                  settings: dict[str, Any] | None = None, scope: str = "full",
-                  runtime: Runtime | None = None, model_flags: dict[str, Any] | None = None,
-                  model_config: str | Path | None = None) -> dict[str, Any]:
+def plan_schedule(model: ModelLike, data: DataOptions, options: CleanOptions | None = None, *,
+                  runtime: Runtime | None = None) -> dict[str, Any]:
     """The SFT schedule ``clean`` would use (running the LR range test if needed), untrained."""
+    model, options = ModelOptions.of(model), options or CleanOptions(method="sft")
     runtime = runtime or Runtime()
-    defense = create_defense(method, settings)
+    defense = create_defense(options.method, options.settings)
     if not isinstance(defense, SuperFineTuning):
-        raise BdauditError(f"--show-schedule prints SFT's cyclic schedule; --method {method} has none: "
-                           "add --method sft")
-    device = resolve_device(runtime.device)
-    gen = seed_everything(runtime.seed)
-    loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
+        raise BdauditError(f"only SFT has a cyclic schedule to plan; `method` {options.method} has none: "
+                           "use `method` sft")
+    device, gen, loaded, split = _open(model, data, runtime)
     ctx = DefenseContext(classifier=loaded.classifier(), config=loaded.config, tune=split.tune,
-                         device=device, gen=gen, scope=scope)
+                         device=device, gen=gen, scope=options.scope)
     peak1, selection = choose_peak1(ctx, defense.settings)
     schedule = build_schedule(defense.settings, len(split.tune), peak1)
     return {"schedule": schedule, "peak_selection": selection}
 
 
-def _reference(options: SequelaOptions, model_flags: dict[str, Any] | None,
-               model_config: str | Path | None) -> dict[str, Any]:
+def _reference(options: SequelaOptions, model: ModelOptions) -> dict[str, Any]:
     if options.reference is None:
         return {}
-    return {"reference": load_model(options.reference, model_flags, model_config).classifier()}
+    return {"reference": model.load(options.reference).classifier()}
 
 
-def _members(options: SequelaOptions, loaded: LoadedModel) -> ImageSet | None:
+def _members(options: SequelaOptions, loaded: LoadedModel) -> Any:
     if options.members is None:
         return None
     return load_image_folder(options.members, resolve_preprocessing(loaded.config),
                              loaded.config.class_names)
 
 
-def sequela(model_path: str | Path, data: DataOptions, *, original: str | Path | None = None,
-            options: SequelaOptions | None = None, triggers: Sequence[str] = (),
-            triggers_file: str | Path | None = None, target: int | None = None,
-            runtime: Runtime | None = None, model_flags: dict[str, Any] | None = None,
-            model_config: str | Path | None = None) -> Report:
+def sequela(model: ModelLike, data: DataOptions, *, original: str | Path | None = None,
+            options: SequelaOptions | None = None, probe: ProbeOptions | None = None,
+            runtime: Runtime | None = None) -> Report:
     """Membership exposure and re-injection speed of MODEL (members: the tuning part of
-    ``data``, or ``options.members``), beside its ``original`` and a clean ``reference``."""
+    ``data``, or ``options.members``), beside its ``original`` and a clean ``reference``; the
+    retuning attack uses the trigger of ``probe`` that beats its null rate by most."""
     started = time.perf_counter()
+    model, probe = ModelOptions.of(model), probe or ProbeOptions()
     runtime = runtime or Runtime()
     options = options or SequelaOptions()
-    device = resolve_device(runtime.device)
-    seed_everything(runtime.seed)
-    loaded, split = open_model_and_data(model_path, data, runtime, model_flags, model_config)
+    device, _, loaded, split = _open(model, data, runtime)
     models: dict[str, Any] = {"model": loaded.classifier()}
     probe_model = loaded.classifier()
     if original is not None:
-        models["original"] = probe_model = load_model(original, model_flags, model_config).classifier()
-    models.update(_reference(options, model_flags, model_config))
-    chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
+        models["original"] = probe_model = model.load(original).classifier()
+    models.update(_reference(options, model))
+    chosen = select_triggers(loaded, probe.triggers, probe.triggers_file, split.heldout)
     found = evaluate_triggers(probe_model, split.heldout, chosen, device=device,
-                              batch_size=runtime.batch_size, target=target)
+                              batch_size=runtime.batch_size, target=probe.target)
     section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
                             probe=reinjection_probe(found, chosen), device=device, seed=runtime.seed,
                             members=_members(options, loaded), reinjection=options.reinjection)
-    return Report(
-        kind="sequela", model=model_section(loaded), data=split.info,
-        environment=environment_info(device, runtime.seed), gates=options.gates.to_dict(),
-        sections={"sequela": section}, reasons=sequela_reasons(section, options.gates),
-        wall_time_s=time.perf_counter() - started)
+    return Report.of("sequela", [SequelaAudit(section, options.gates)], model=model_section(loaded),
+                     data=split.info, environment=environment_info(device, runtime.seed),
+                     gates=options.gates.to_dict(), wall_time_s=time.perf_counter() - started)
+
+
+def plant(data: DataOptions, output: OutputOptions, options: PlantOptions | None = None, *,
+          transfer: TransferOptions | None = None, runtime: Runtime | None = None,
+          on_epoch: PlantProgress | None = None) -> PlantResult:
+    """Plant a backdoored (or, with ``attack="none"``, a clean reference) model in one of three
+    paradigms (``bdaudit.workflows.plant``); ``output.out`` receives it with its provenance."""
+    return plant_model(data, output, options or PlantOptions(), transfer=transfer,
+                       runtime=runtime or Runtime(batch_size=128), on_epoch=on_epoch)
+
+
+def bench(subjects: Sequence[Subject], data: DataOptions, plan: BenchPlan, out_dir: str | Path, *,
+          runtime: Runtime | None = None, on_cell: CellCallback | None = None,
+          executor: Executor | None = None) -> BenchResult:
+    """Every subject x clean size x method of ``plan``; ``data.path`` is the clean pool the
+    defenses tune on, ``data.eval_path`` the held-out images (required). ``out_dir`` receives
+    cells.jsonl (the resume cache), bench.json, bench.csv and scatter.png."""
+    if data.eval_path is None:
+        raise BdauditError("`eval_data` is required: bench measures every cell on the same held-out images")
+    device = (runtime or Runtime()).device
+    return run_bench(subjects, data.path, data.eval_path, plan, Path(out_dir), device=device, on_cell=on_cell,
+                     executor=executor)
 
 
 # -- many models -----------------------------------------------------------------------------------
@@ -302,12 +240,19 @@ def sequela(model_path: str | Path, data: DataOptions, *, original: str | Path |
 OnModel = Callable[[int, int, "ModelOutcome"], None]  # (done, total, outcome) as each model finishes
 
 
+def _model_for(path: Path, options: dict[str, Any]) -> ModelOptions:
+    return dataclasses.replace(options.pop("model", None) or ModelOptions(), path=path)
+
+
 def _scan_task(model_path: Path, data: DataOptions, options: dict[str, Any]) -> Report:
-    return scan(model_path, data, **options)
+    options = dict(options)
+    return scan(_model_for(model_path, options), data, **options)
 
 
 def _clean_task(model_path: Path, data: DataOptions, out: Path | None, options: dict[str, Any]) -> Report:
-    return clean(model_path, data, out, **options)
+    options = dict(options)
+    output = dataclasses.replace(options.pop("output", None) or OutputOptions(), out=out)
+    return clean(_model_for(model_path, options), data, output=output, **options)
 
 
 def _run_many(kind: str, task: Callable[..., Any], entries: list[ModelEntry], calls: list[tuple[Any, ...]],
@@ -344,7 +289,8 @@ def scan_many(models: Sequence[str | Path], data: DataOptions, *, executor: Exec
               report_dir: str | Path | None = None, on_model: OnModel | None = None,
               **options: Any) -> BatchReport:
     """``scan`` each model (paths, folders of checkpoints or manifests; see ``resolve_models``) with
-    the same ``options``; a model that fails (e.g. does not load) is reported, the others still run.
+    the same ``options`` (``scan``'s keywords; ``model`` gives the flags and config every model is
+    read with); a model that fails (e.g. does not load) is reported, the others still run.
     ``report_dir`` receives ``<name>.json`` per model and ``summary.json``."""
     entries = resolve_models(models)
     options.pop("progress", None)  # progress bars belong to one in-process scan
@@ -356,7 +302,8 @@ def scan_many(models: Sequence[str | Path], data: DataOptions, *, executor: Exec
 def clean_many(models: Sequence[str | Path], data: DataOptions, out_dir: str | Path | None = None, *,
                executor: Executor | None = None, report_dir: str | Path | None = None,
                on_model: OnModel | None = None, **options: Any) -> BatchReport:
-    """``clean`` each model; ``out_dir`` (if given) receives ``<name>.safetensors`` per model."""
+    """``clean`` each model; ``out_dir`` (if given) receives ``<name>.safetensors`` per model
+    (``output.force`` still applies to each)."""
     entries = resolve_models(models)
     options.pop("on_epoch", None)  # per-epoch lines of several models would interleave
     device = (options.get("runtime") or Runtime()).device
@@ -365,7 +312,7 @@ def clean_many(models: Sequence[str | Path], data: DataOptions, out_dir: str | P
         outs: list[Path | None] = [folder]  # one model (e.g. with --report-dir): --out is its file
     elif folder is not None:
         if folder.suffix == ".safetensors":
-            raise BdauditError(f"with several models --out is a folder for <name>.safetensors, not {folder}")
+            raise BdauditError(f"with several models `out` is a folder for <name>.safetensors, not {folder}")
         folder.mkdir(parents=True, exist_ok=True)
         outs = [folder / f"{e.name}.safetensors" for e in entries]
     else:

@@ -16,7 +16,7 @@ from bdaudit.core.data import ImageSet, Preprocessing, load_image_folder, to_flo
 from bdaudit.core.errors import BdauditError, TriggerError
 from bdaudit.detect.probe import evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, load_model
-from bdaudit.planting.common import PlantOptions
+from bdaudit.planting.common import PlantRun
 from bdaudit.planting.plant import AttackChoice, PlantResult, plant, resolve_attack
 from bdaudit.triggers import default_triggers, parse_trigger
 from bdaudit.triggers.base import model_triggers
@@ -33,7 +33,7 @@ def input_aware_model(train_dir: Path, eval_dir: Path, models_dir: Path) -> Plan
     gave 0.84-0.98, every one flagged by scan; the 4,000-image sample setting handles 1x."""
     return plant(train_dir, models_dir / "input_aware.safetensors",
                  attack=AttackChoice("input_aware", 0, 0.1, {"cross_ratio": 0.25}), arch="bd_cnn_tiny",
-                 settings=TINY_SETTINGS, options=PlantOptions(eval_dir=eval_dir, device="cpu"))
+                 settings=TINY_SETTINGS, options=PlantRun(eval_dir=eval_dir, device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ def test_json_to_stdout_is_pure_json(badnets_model: PlantResult, eval_dir: Path)
 
 def test_fixed_target_and_gate_threshold(badnets_model: PlantResult, eval_dir: Path) -> None:
     data = api.DataOptions(eval_dir)
-    fixed = api.scan(badnets_model.path, data, triggers=["badnets"], target=3,
+    fixed = api.scan(badnets_model.path, data, api.ProbeOptions(triggers=["badnets"], target=3),
                      runtime=api.Runtime("cpu"))
     row = fixed.sections["scan"]["triggers"][0]
     assert row["target"] == 3 and row["target_fixed"] and row["asr"] < 0.3 and fixed.passed
@@ -87,8 +87,8 @@ def test_fixed_target_and_gate_threshold(badnets_model: PlantResult, eval_dir: P
 
 def test_same_seed_same_numbers(badnets_model: PlantResult, eval_dir: Path) -> None:
     def numbers() -> list:
-        report = api.scan(badnets_model.path, api.DataOptions(eval_dir), runtime=api.Runtime("cpu", 64, 7),
-                          detect="off")
+        report = api.scan(badnets_model.path, api.DataOptions(eval_dir), api.ProbeOptions(detect="off"),
+                          runtime=api.Runtime("cpu", 64, 7))
         return [(t["asr"], t["null_asr"]) for t in report.sections["scan"]["triggers"]]
 
     assert numbers() == numbers()
@@ -97,7 +97,7 @@ def test_same_seed_same_numbers(badnets_model: PlantResult, eval_dir: Path) -> N
 def test_named_trigger_that_does_not_fit_is_bad_input(badnets_model: PlantResult, eval_dir: Path) -> None:
     # A trigger the user asked for that cannot be applied is an error (issue 17), not a silent skip.
     with pytest.raises(TriggerError, match="does not fit"):
-        api.scan(badnets_model.path, api.DataOptions(eval_dir), triggers=["badnets:size=40"],
+        api.scan(badnets_model.path, api.DataOptions(eval_dir), api.ProbeOptions(triggers=["badnets:size=40"]),
                  runtime=api.Runtime("cpu"))
 
 

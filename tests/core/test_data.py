@@ -102,5 +102,5 @@ def test_more_folders_than_model_classes(tmp_path: Path) -> None:
 
 def test_bad_holdout(tmp_path: Path) -> None:
     data = load_image_folder(make_folder(tmp_path, {"a": 4}), GRAY28)
-    with pytest.raises(DataError, match="--holdout"):
+    with pytest.raises(DataError, match="`holdout`"):
         stratified_split(data, 1.5, seed=0)

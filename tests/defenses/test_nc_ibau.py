@@ -162,9 +162,9 @@ def test_ibau_unlearns_badnets(badnets_model: PlantResult, clean_dir: Path, eval
     ("ibau", {"fixed_point_iters": -1}, "`fixed_point_iters` must be >= 0"),
     ("ibau", {"perturb_fraction": 0.0}, "`perturb_fraction` must be in (0, 1]"),
     ("nc", {"poison_fraction": 1.5}, "`poison_fraction` must be in (0, 1]"),
-    ("nc", {"inversion_steps": 0}, "--inversion-steps must be at least 1, not 0"),
-    ("nc", {"anomaly_threshold": 0}, "--anomaly-threshold must be > 0"),
-    ("nc", {"anomaly_scale": "sqrt"}, "--anomaly-scale must be l1 or log"),
+    ("nc", {"inversion_steps": 0}, "`inversion_steps` must be at least 1, not 0"),
+    ("nc", {"anomaly_threshold": 0}, "`anomaly_threshold` must be > 0"),
+    ("nc", {"anomaly_scale": "sqrt"}, "`anomaly_scale` must be l1 or log"),
     ("nc", {"epochs": 0}, "`epochs` must be between 1 and"),
 ])
 def test_bad_settings_are_refused(method: str, settings: dict, message: str) -> None:

@@ -90,8 +90,10 @@ def test_default_scan_does_not_flag_the_clean_model(clean_model: PlantResult, ev
 
 def test_clean_verifies_independently_with_a_fresh_seed(wave_model: Path, clean_dir: Path, eval_dir: Path,
                                                         tmp_path: Path) -> None:
-    report = api.clean(wave_model, api.DataOptions(clean_dir, eval_dir), tmp_path / "c.safetensors",
-                       settings={"epochs": 3, "min_steps": 0}, runtime=api.Runtime("cpu", 256, 0)).to_dict()
+    report = api.clean(wave_model, api.DataOptions(clean_dir, eval_dir),
+                       api.CleanOptions(settings={"epochs": 3, "min_steps": 0}),
+                       output=api.OutputOptions(tmp_path / "c.safetensors"),
+                       runtime=api.Runtime("cpu", 256, 0)).to_dict()
     assert report["clean"]["finding"] == "backdoor detected"
     assert TARGET in report["detection"]["flagged"]
     verification = report["verification"]
@@ -134,7 +136,7 @@ def test_detector_modes() -> None:
     assert detector_enabled("auto", explicit_triggers=False)
     assert not detector_enabled("auto", explicit_triggers=True)
     assert detector_enabled("on", explicit_triggers=True) and not detector_enabled("off", explicit_triggers=False)
-    with pytest.raises(BdauditError, match="--detect"):
+    with pytest.raises(BdauditError, match="`detect`"):
         detector_enabled("maybe", explicit_triggers=False)
 
 

@@ -14,7 +14,7 @@ from bdaudit.core.data import resolve_data
 from bdaudit.core.errors import BdauditError, TriggerError
 from bdaudit.detect.probe import evaluate_triggers
 from bdaudit.models.checkpoint import file_sha256, load_model, save_model
-from bdaudit.planting import EncoderBackdoor, EncoderSettings, PlantOptions, plant_encoder, plant_transfer
+from bdaudit.planting import EncoderBackdoor, EncoderSettings, PlantRun, plant_encoder, plant_transfer
 from bdaudit.planting.plant import PlantResult, TrainSettings
 from bdaudit.planting.simclr import Embedder, ViewAugment, nt_xent
 from bdaudit.triggers import parse_trigger
@@ -26,7 +26,7 @@ FAST_TRANSFER = TrainSettings(epochs=2, lr=0.005, batch_size=64)
 TINY_ENCODER = EncoderSettings(pretrain_epochs=5, batch_size=128, proj_dim=32, backdoor_epochs=5,
                                backdoor_lr=2e-3, backdoor_batch_size=32, head_epochs=300)
 TRIGGER = "badnets:size=5"
-CPU = PlantOptions(device="cpu")
+CPU = PlantRun(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def transfers(badnets_model: PlantResult, clean_dir: Path, eval_dir: Path,
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, PlantResult]:
     out = tmp_path_factory.mktemp("transfer")
     return {mode: plant_transfer(badnets_model.path, clean_dir, out / f"{mode}.safetensors", mode=mode,
-                                 settings=FAST_TRANSFER, options=PlantOptions(eval_dir=eval_dir, device="cpu"))
+                                 settings=FAST_TRANSFER, options=PlantRun(eval_dir=eval_dir, device="cpu"))
             for mode in ("full", "head")}
 
 

@@ -139,3 +139,21 @@ def test_any_method_takes_trigger_unlearning_as_a_variant(bench_run: tuple, mani
     plain, unlearned = report["cells"]
     assert plain["unlearning"] is None and unlearned["unlearning"]["triggers"] == ["badnets"]
     assert unlearned["asr_after"] < 0.05 < 0.3 < plain["asr_after"]
+
+
+def test_planted_subjects_are_planted_once_then_reused(train_dir: Path, eval_dir: Path, tmp_path: Path) -> None:
+    from bdaudit import api
+
+    planted: list[str] = []
+    options = api.PlantOptions(arch="bd_cnn_tiny", poison_rate=0.1, target=2, epochs=1)
+    runtime = api.Runtime("cpu", 128, 3)
+    first = api.plant_subjects(api.DataOptions(train_dir, eval_dir), ["badnets"], tmp_path, options, runtime,
+                               on_plant=planted.append)
+    assert planted == ["badnets"] and first[0].path == tmp_path / "badnets-bd_cnn_tiny-p0.1-t2-s3.safetensors"
+    assert (first[0].trigger, first[0].target) == ("badnets", 2)
+    provenance = api.ModelOptions(first[0].path).load().config.provenance
+    assert provenance["paradigm"] == "standalone" and provenance["train"]["epochs"] == 1
+    assert provenance["seed"] == 3 and provenance["train"]["batch_size"] == 128
+    again = api.plant_subjects(api.DataOptions(train_dir, eval_dir), ["badnets"], tmp_path, options, runtime,
+                               on_plant=planted.append)
+    assert planted == ["badnets"] and again == first

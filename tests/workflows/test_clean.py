@@ -175,7 +175,7 @@ def test_methods_lists_every_defense_with_its_settings() -> None:
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [
-    (["--method", "fp", "--set", "prune_ratio_max=2"], "--prune-ratio-max must be in"),
+    (["--method", "fp", "--set", "prune_ratio_max=2"], "`prune_ratio_max` must be in"),  # a --set key keeps its own name
     (["--method", "fp", "--set", "no_such=1"], "method fp has no setting(s) no_such"),
     (["--method", "fp", "--set", "oops"], "--set takes KEY=VALUE"),
     (["--method", "nosuch"], "unknown method 'nosuch'"),

@@ -100,10 +100,10 @@ def test_a_failing_cell_is_reported_not_cached_and_alone_rerun(
 
     real = bench_module.run_cell
 
-    def flaky(subject, loaded, triggers, split, method, settings, plan, *args, **kwargs):  # noqa: ANN001, ANN202
+    def flaky(subject, model_data, split, method, settings, plan, *args, **kwargs):  # noqa: ANN001, ANN202
         if "lr" in settings:  # the ft_hot cell
             raise RuntimeError("simulated crash in one cell")
-        return real(subject, loaded, triggers, split, method, settings, plan, *args, **kwargs)
+        return real(subject, model_data, split, method, settings, plan, *args, **kwargs)
 
     monkeypatch.setattr(bench_module, "run_cell", flaky)
     result = invoke("bench", "--models", bench_manifest, "--clean-data", clean_dir, "--eval-data", eval_dir,
@@ -155,7 +155,7 @@ def test_ray_tasks_fail_one_by_one_with_their_exit_codes(ray_instance: object) -
         bad_input = next(iter(engine.map(resolve_device, [("tpu",)])))
     assert outcomes[0].ok and outcomes[0].value == 7
     assert outcomes[1].exit_code == 3 and "ValueError" in outcomes[1].error
-    assert bad_input.exit_code == 2 and "--device must be one of" in bad_input.error
+    assert bad_input.exit_code == 2 and "`device` must be one of" in bad_input.error
     assert ray_instance.is_initialized()  # an executor that joined Ray leaves it running
 
 

@@ -7,10 +7,11 @@ Exit codes: 0 passed, 1 a gate failed, 2 bad input or usage, 3 internal error, 1
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,8 +20,10 @@ from typer.core import TyperGroup
 
 try:  # typer >= 0.2x carries its own copy of click; older typer uses click itself
     from typer._click import exceptions as click_exceptions
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
+    from click.globals import get_current_context  # type: ignore[no-redef]
 
 from bdaudit.cli.entry import EXIT_INTERRUPTED, interrupted_exit_code, main  # noqa: F401  (main: entry point)
 from bdaudit.core.errors import BdauditError, missing_data, missing_model
@@ -74,7 +77,8 @@ class OneLineErrors(TyperGroup):
 
 app = typer.Typer(name="bdaudit", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, cls=OneLineErrors,
-                  help="Audit image classifiers for backdoors and remove them by super-fine-tuning.")
+                  help="Audit image classifiers for backdoors and remove them by fine-tuning (FT-SAM plus "
+                       "trigger unlearning by default).")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,6 +86,37 @@ F = TypeVar("F", bound=Callable[..., Any])
 def fail(message: str, code: int) -> typer.Exit:
     print_error(message)
     return typer.Exit(code)
+
+
+# Library errors name option fields in backticks ("`phase1_fraction` must be in (0, 1]"); the CLI
+# user is shown the flag that sets the field. The flags come from the commands' own parameters
+# (the running command's first); only option fields named differently from their flag are listed.
+FIELD_ALIASES = {"eval_path": "eval_data", "triggers": "trigger"}
+_FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def field_flags() -> dict[str, str]:
+    """Parameter name -> its long flag, over every command, the running command's winning."""
+    commands = list(getattr(typer.main.get_command(app), "commands", {}).values())
+    current = get_current_context(silent=True)
+    if current is not None:
+        commands.append(current.command)  # last: its flags win
+    flags: dict[str, str] = {}
+    for command in commands:
+        for param in command.params:
+            longs = [opt for opt in param.opts if opt.startswith("--")]
+            if param.name and longs:
+                flags[param.name] = longs[0]
+    return flags
+
+
+def with_flags(message: str) -> str:
+    """A library message for the CLI user: each backticked field that a flag sets becomes that
+    flag; other backticked names (method settings given with --set KEY=VALUE) stay as written."""
+    if "`" not in message:
+        return message
+    flags = field_flags()
+    return _FIELD.sub(lambda m: flags.get(FIELD_ALIASES.get(m[1], m[1]), m[0]), message)
 
 
 def guard_outputs(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path | None]) -> None:
@@ -150,7 +185,7 @@ def guarded(func: F | None = None, *, rollback: bool = True) -> Any:
         except BdauditError as exc:
             if debug:
                 raise
-            raise fail(str(exc), EXIT_USAGE) from None
+            raise fail(with_flags(str(exc)), EXIT_USAGE) from None
         except KeyboardInterrupt as exc:
             word = "terminated" if interrupted_exit_code(exc) == EXIT_TERMINATED else "interrupted"
             raise fail(f"{word}; no output was written" if rollback else f"{word}; rerun to resume",
@@ -164,68 +199,6 @@ def guarded(func: F | None = None, *, rollback: bool = True) -> Any:
     return wrapper
 
 
-# Options shared by several commands: declared once so every command spells them the same way.
-ModelPath = Annotated[Path, typer.Argument(help="Checkpoint (.safetensors, .pt/.pth/.bin/.ckpt state dict), "
-                                           "a timm/Hugging Face model folder, or hf-hub:ORG/NAME from the "
-                                           "local cache.", show_default=False)]
-DataDir = Annotated[Path, typer.Option("--data", "-d", help="Clean labelled images, DIR/<class>/*.",
-                                       show_default=False)]
-EvalDir = Annotated[Path | None, typer.Option("--eval-data", help="Separate held-out images "
-                                              "(then all of --data is for tuning).")]
-Holdout = Annotated[float, typer.Option(help="Share of --data held out for evaluation.")]
-Arch = Annotated[str | None, typer.Option(help="timm model name, torchvision:NAME, or your own "
-                                          "module:callable (only ever imported when you name it).",
-                                          rich_help_panel="Model")]
-NumClasses = Annotated[int | None, typer.Option(help="Number of classes.", rich_help_panel="Model")]
-InChans = Annotated[int | None, typer.Option(help="Input channels (1 or 3).", rich_help_panel="Model")]
-InputSize = Annotated[str | None, typer.Option(help="H,W (or one number).", rich_help_panel="Model")]
-Mean = Annotated[str | None, typer.Option(help="Per-channel mean, comma-separated.",
-                                          rich_help_panel="Model")]
-Std = Annotated[str | None, typer.Option(help="Per-channel std, comma-separated.",
-                                         rich_help_panel="Model")]
-ClassNames = Annotated[str | None, typer.Option(help="Class names in output order, comma-separated.",
-                                                rich_help_panel="Model")]
-ModelConfigFile = Annotated[Path | None, typer.Option("--model-config", help="YAML model config "
-                                                      "(default: MODEL.yaml beside the checkpoint).",
-                                                      rich_help_panel="Model")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.", rich_help_panel="Runtime")]
-BatchSize = Annotated[int, typer.Option(help="Batch size.", rich_help_panel="Runtime")]
-Seed = Annotated[int, typer.Option(help="Seed for every random choice.", rich_help_panel="Runtime")]
-JsonOut = Annotated[str | None, typer.Option("--json", help="Write the JSON report here (- for stdout).",
-                                             rich_help_panel="Output")]
-SarifOut = Annotated[Path | None, typer.Option("--sarif", help="Write a SARIF 2.1.0 log here (for "
-                                              "code-scanning views).", rich_help_panel="Output")]
-HtmlOut = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report here.",
-                                             rich_help_panel="Output")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML file of flag values (default: "
-                                                 "./bdaudit.yaml if present; flags typed here win).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the verdict.",
-                                     rich_help_panel="Output")]
-Debug = Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel="Output")]
-FailAsr = Annotated[float, typer.Option(help="Gate: fail when a trigger's ASR reaches this "
-                                        "(and beats its null rate by --null-margin).",
-                                        rich_help_panel="Gates")]
-NullMargin = Annotated[float, typer.Option(help="Gate: how far ASR must exceed the matched null "
-                                           "perturbation's rate to count.", rich_help_panel="Gates")]
-FamilyAsr = Annotated[float | None, typer.Option(help="Gate: fail when a trigger AND its matched null "
-                                              "both reach this (the model answers the whole trigger "
-                                              "family); 0 turns it off.",
-                                              rich_help_panel="Gates")]
-TriggerSpecs = Annotated[list[str] | None, typer.Option("--trigger", "-t", help="NAME[:key=value,...]"
-                                                        " (repeatable; default: the whole library).")]
-TriggersFile = Annotated[Path | None, typer.Option("--triggers", help="YAML list of triggers.")]
-Detect = Annotated[str, typer.Option(
-    "--detect", help="Unknown-trigger detector (patch and whole-image trigger inversion, ~10 s for a small "
-                     "10-class CPU model): auto (default: on, unless --trigger/--triggers ask for specific "
-                     "triggers), on, or off.")]
-Target = Annotated[int | None, typer.Option(help="Fix the target class index instead of searching.")]
-
-
-MethodSettings = Annotated[list[str] | None, typer.Option(
-    "--set", help="A method setting KEY=VALUE (repeatable), e.g. --set prune_ratio_max=0.5; "
-    "`bdaudit methods` lists each method's settings.", rich_help_panel="Tuning")]
-
-
 def parse_settings(items: list[str] | dict[str, Any] | None, flag: str = "--set") -> dict[str, Any]:
     """``KEY=VALUE`` strings (or a YAML mapping) to a dict; the method's settings types coerce values."""
     if isinstance(items, dict):
@@ -237,30 +210,6 @@ def parse_settings(items: list[str] | dict[str, Any] | None, flag: str = "--set"
             raise BdauditError(f"{flag} takes KEY=VALUE, not '{item}'")
         settings[key.strip().replace("-", "_")] = value.strip()
     return settings
-
-
-def _floats(text: str | None, flag: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise BdauditError(f"{flag} must be comma-separated numbers, not '{text}'") from None
-
-
-def model_flags(arch: str | None, num_classes: int | None, in_chans: int | None,
-                input_size: str | None, mean: str | None, std: str | None,
-                class_names: str | None) -> dict[str, Any]:
-    """Model-config overrides from flags (highest precedence)."""
-    size = _floats(input_size, "--input-size")
-    if size is not None and (len(size) not in (1, 2) or any(v < 1 or v != int(v) for v in size)):
-        raise BdauditError(f"--input-size takes H,W or one number (whole pixels), not '{input_size}'")
-    return {
-        "arch": arch, "num_classes": num_classes, "in_chans": in_chans,
-        "input_size": [int(size[0]), int(size[-1])] if size else None,
-        "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
-        "class_names": [c.strip() for c in class_names.split(",")] if class_names else None,
-    }
 
 
 def consoles(json_out: str | None, quiet: bool) -> tuple[Console, bool]:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bdaudit.cli.app import with_flags
 from bdaudit.core.errors import BdauditError
 from bdaudit.core.outputs import keep_outputs
 from bdaudit.workflows.executors import EXECUTOR_NAMES, create_executor
@@ -42,6 +43,13 @@ def wants_batch(models: list[Path], executor: str, report_dir: Path | None) -> b
     return is_batch(models) or report_dir is not None or executor != "local"
 
 
+def one_report_only(batch: bool, sarif: Path | None, html: Path | None) -> None:
+    """SARIF and HTML render one model's report: refused for several models, before any work."""
+    if batch and (sarif is not None or html is not None):
+        raise BdauditError("--sarif/--html render one model's report: with several models use --report-dir "
+                           "and `bdaudit report DIR/NAME.json --html OUT.html`")
+
+
 def run_batch(run: Callable[..., BatchReport], models: list[Path], *args: Any, executor: str,
               ray_address: str | None, report_dir: Path | None, json_out: str | None, console: Console,
               show: bool, **options: Any) -> None:
@@ -54,7 +62,7 @@ def run_batch(run: Callable[..., BatchReport], models: list[Path], *args: Any, e
     def line(done: int, total: int, outcome: ModelOutcome) -> None:
         if outcome.report is None:
             Console(stderr=True, highlight=False).print(
-                f"[bold red]error:[/] model {escape(outcome.entry.name)}: {escape(outcome.error or '')}",
+                f"[bold red]error:[/] model {escape(outcome.entry.name)}: {escape(with_flags(outcome.error or ''))}",
                 soft_wrap=True)
         elif show:
             console.print(f"[{done}/{total}] {outcome.entry.name}: {outcome.status.upper()}", markup=False)

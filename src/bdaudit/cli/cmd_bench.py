@@ -8,19 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from bdaudit.cli.app import (
-    Debug,
-    Device,
-    HtmlOut,
-    Quiet,
-    Seed,
-    app,
-    guard_outputs,
-    guarded,
-    parse_settings,
-    write_rendered,
-)
+from bdaudit.cli.app import app, guard_outputs, guarded, parse_settings, with_flags, write_rendered
 from bdaudit.cli.batch import ExecutorName, RayAddress
+from bdaudit.cli.options import Debug, Device, HtmlOut, Quiet, Seed
 from bdaudit.core.errors import BdauditError
 
 PLANT = "Planting (without --models)"
@@ -90,29 +80,19 @@ def bench(
     or 3 (anything else).
     """
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
-    from bdaudit.defenses import DEFENSES
-    from bdaudit.planting.plant import TrainSettings
+    from bdaudit import api
     from bdaudit.report.render import bench_tables
-    from bdaudit.workflows.bench import (
-        BenchPlan,
-        Subject,
-        clean_sizes_from,
-        method_label,
-        plant_subjects,
-        run_bench,
-        subjects_from_manifest,
-    )
     from bdaudit.workflows.executors import create_executor
 
     guard_outputs([*(("--out-dir", out_dir / name) for name in BENCH_OUTPUTS), ("--html", html)],
                   [clean_data, eval_data, models, data])
     console = Console(highlight=False)
-    chosen_methods = split_names(methods) or sorted(DEFENSES)
-    subjects: list[Subject]
+    chosen_methods = split_names(methods) or sorted(api.DEFENSES)
+    subjects: list[api.Subject]
     if (models is None) == (data is None):
         raise BdauditError("bench needs exactly one source of models: --models MANIFEST or --data DIR to plant on")
     if models is not None:
-        subjects = subjects_from_manifest(models, split_names(attacks))
+        subjects = api.subjects_from_manifest(models, split_names(attacks))
         guard_outputs([("--out-dir", out_dir / name) for name in BENCH_OUTPUTS], [s.path for s in subjects])
     else:
         assert data is not None
@@ -120,20 +100,20 @@ def bench(
         if not names:
             raise BdauditError("--data plants models: name the attacks with --attacks badnets,blended,...")
         train_size = train_size or sum(1 for p in data.rglob("*") if p.is_file())
-        subjects = plant_subjects(data, names, out_dir / "models", arch=arch, poison_rate=poison_rate,
-                                  target=target, settings=TrainSettings(epochs=epochs), eval_dir=eval_data,
-                                  seed=seed, device=device,
+        subjects = api.plant_subjects(api.DataOptions(data, eval_data), names, out_dir / "models",
+                                  api.PlantOptions(arch=arch, poison_rate=poison_rate, target=target, epochs=epochs),
+                                  api.Runtime(device, 128, seed),
                                   on_plant=lambda a: None if quiet else console.print(f"planting {a} ..."))
-    sizes = clean_sizes_from(clean_fraction or (), clean_size or (), train_size)
-    plan = BenchPlan(methods=tuple(chosen_methods), clean_sizes=sizes or (100,),
-                     method_settings=method_settings(set_, [method_label(m) for m in chosen_methods]),
+    sizes = api.clean_sizes_from(clean_fraction or (), clean_size or (), train_size)
+    plan = api.BenchPlan(methods=tuple(chosen_methods), clean_sizes=sizes or (100,),
+                     method_settings=method_settings(set_, [api.method_label(m) for m in chosen_methods]),
                      sequela=not no_sequela,
                      reinjection_steps=reinjection_steps, seed=seed)
 
     def progress(index: int, total: int, row: dict[str, Any], reused: bool) -> None:
         if "error" in row:
             console.print(f"[{index}/{total}] {row['model']} {row['clean_images']} clean {row['method']}: "
-                          f"FAILED: {row['error']}", markup=False)
+                          f"FAILED: {with_flags(row['error'])}", markup=False)
         elif not quiet:
             took = "cached" if reused else f"{row['seconds']:.0f}s"
             console.print(f"[{index}/{total}] {row['model']} {row['clean_images']} clean {row['method']}: "
@@ -141,8 +121,8 @@ def bench(
                           f"({took})", markup=False)
 
     with create_executor(executor, ray_address) as engine:
-        result = run_bench(subjects, clean_data, eval_data, plan, out_dir, device=device, on_cell=progress,
-                           executor=engine)
+        result = api.bench(subjects, api.DataOptions(clean_data, eval_data), plan, out_dir,
+                           runtime=api.Runtime(device, seed=seed), on_cell=progress, executor=engine)
     if html is not None:
         write_rendered(result.to_dict(), None, html)
     if not quiet:

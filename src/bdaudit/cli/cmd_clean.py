@@ -1,81 +1,82 @@
-"""``bdaudit clean``: remove a backdoor by super-fine-tuning (or another defense)."""
+"""``bdaudit clean``: remove a backdoor with a defense (FT-SAM plus trigger unlearning by default)."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from bdaudit.cli.app import (
-    Arch,
-    ClassNames,
+    app,
+    consoles,
+    finish,
+    guard_outputs,
+    guarded,
+    model_inputs,
+    parse_settings,
+    require_inputs,
+    trigger_inputs,
+)
+from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, one_report_only, run_batch, wants_batch
+from bdaudit.cli.options import (
     ConfigFile,
     DataDir,
     Debug,
     Detect,
     Device,
     EvalDir,
-    FailAsr,
-    FamilyAsr,
+    GateFlags,
     Holdout,
     HtmlOut,
-    InChans,
-    InputSize,
     JsonOut,
-    Mean,
     MethodSettings,
-    ModelConfigFile,
-    NullMargin,
-    NumClasses,
+    ModelFlags,
     Quiet,
     SarifOut,
     Seed,
-    Std,
+    SequelaFlags,
     Target,
     TriggersFile,
     TriggerSpecs,
-    app,
-    consoles,
-    finish,
-    guard_outputs,
-    guarded,
-    merge_config,
-    model_flags,
-    model_inputs,
-    parse_settings,
-    require_inputs,
-    trigger_inputs,
+    option_groups,
 )
-from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, run_batch, wants_batch
-from bdaudit.cli.cmd_sequela import (
-    MaxMiaAuc,
-    MaxReinjection,
-    Members,
-    Reference,
-    ReinjectionSteps,
-    sequela_options,
-)
-from bdaudit.core.defaults import (
-    DEFAULT_FAIL_ASR,
-    DEFAULT_FAMILY_ASR,
-    DEFAULT_METHOD,
-    DEFAULT_NULL_MARGIN,
-    DEFAULT_UNLEARN_FRACTION,
-)
+from bdaudit.core.defaults import DEFAULT_METHOD, DEFAULT_UNLEARN_FRACTION
 from bdaudit.core.errors import BdauditError
 
 TUNE = "Tuning"
 OptFloat = Annotated[float | None, typer.Option(rich_help_panel=TUNE)]
 OptInt = Annotated[int | None, typer.Option(rich_help_panel=TUNE)]
 
-# Flags that become defense settings (None = the method's default).
-SETTING_FLAGS = ("epochs", "batch_size", "optimizer", "momentum", "weight_decay", "lr_base", "lr_peak1",
-                 "lr_peak2", "phase1_fraction", "cycle_iters", "cycle_epochs", "lr", "schedule")
+
+@dataclass(frozen=True)
+class TuneFlags:
+    """Flags that become defense settings (None: the method's default)."""
+
+    epochs: OptInt = None
+    batch_size: OptInt = None
+    optimizer: Annotated[str | None, typer.Option(help="sgd, adam or adamw.", rich_help_panel=TUNE)] = None
+    momentum: OptFloat = None
+    weight_decay: OptFloat = None
+    lr_base: OptFloat = None
+    lr_peak1: Annotated[float | None, typer.Option(help="SFT phase-1 peak (default: from the LR range "
+                                                   "test).", rich_help_panel=TUNE)] = None
+    lr_peak2: OptFloat = None
+    phase1_fraction: OptFloat = None
+    cycle_iters: OptInt = None
+    cycle_epochs: OptFloat = None
+    lr: Annotated[float | None, typer.Option(help="FT learning rate.", rich_help_panel=TUNE)] = None
+    schedule: Annotated[str | None, typer.Option(help="FT: constant or cosine.", rich_help_panel=TUNE)] = None
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @app.command()
 @guarded
+@option_groups
 def clean(
     ctx: typer.Context,
     model: ModelPaths,
@@ -86,21 +87,7 @@ def clean(
                                                  "(`bdaudit methods` lists them).")] = DEFAULT_METHOD,
     scope: Annotated[str, typer.Option(help="full: tune every weight; head: only the classifier "
                                        "head (the encoder/head boundary from metadata).")] = "full",
-    epochs: OptInt = None,
-    batch_size: OptInt = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd, adam or adamw.", rich_help_panel=TUNE)] = None,
-    momentum: OptFloat = None,
-    weight_decay: OptFloat = None,
-    lr_base: OptFloat = None,
-    lr_peak1: Annotated[float | None, typer.Option(help="SFT phase-1 peak (default: from the LR range "
-                                                   "test).", rich_help_panel=TUNE)] = None,
-    lr_peak2: OptFloat = None,
-    phase1_fraction: OptFloat = None,
-    cycle_iters: OptInt = None,
-    cycle_epochs: OptFloat = None,
-    lr: Annotated[float | None, typer.Option(help="FT learning rate.", rich_help_panel=TUNE)] = None,
-    schedule: Annotated[str | None, typer.Option(help="FT: constant or cosine.",
-                                                 rich_help_panel=TUNE)] = None,
+    tune_flags: TuneFlags = TuneFlags(),
     unlearn_fraction: Annotated[float, typer.Option(
         help="Share of each tuning batch stamped with the triggers the pre-clean scan flagged (true "
              "labels kept), so tuning unlearns them; 0 turns it off.", rich_help_panel=TUNE)
@@ -114,11 +101,7 @@ def clean(
     set_: MethodSettings = None,
     config: ConfigFile = None,
     no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
-    members: Members = None,
-    reference: Reference = None,
-    max_mia_auc: MaxMiaAuc = None,
-    max_reinjection_asr: MaxReinjection = None,
-    reinjection_steps: ReinjectionSteps = None,
+    sequela_flags: SequelaFlags = SequelaFlags(),
     show_schedule: Annotated[bool, typer.Option(help="Print SFT's learning-rate schedule and exit "
                                                 "(with --method sft).")] = False,
     eval_data: EvalDir = None,
@@ -126,20 +109,11 @@ def clean(
     trigger: TriggerSpecs = None,
     triggers_file: TriggersFile = None,
     target: Target = None,
-    fail_asr: FailAsr = DEFAULT_FAIL_ASR,
-    null_margin: NullMargin = DEFAULT_NULL_MARGIN,
-    family_asr: FamilyAsr = DEFAULT_FAMILY_ASR,
+    gate_flags: GateFlags = GateFlags(),
     max_accuracy_drop: Annotated[float, typer.Option(help="Gate: largest tolerated fall in clean "
                                                      "accuracy (0.02 = 2 points).",
                                                      rich_help_panel="Gates")] = 0.02,
-    arch: Arch = None,
-    num_classes: NumClasses = None,
-    in_chans: InChans = None,
-    input_size: InputSize = None,
-    mean: Mean = None,
-    std: Std = None,
-    class_names: ClassNames = None,
-    model_config: ModelConfigFile = None,
+    model_flags: ModelFlags = ModelFlags(),
     device: Device = "auto",
     seed: Seed = 0,
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
@@ -159,52 +133,38 @@ def clean(
     (files, folders, a manifest), --out is a folder for <name>.safetensors; one report each, a
     summary, the worst model's exit code.
     """
-    v = merge_config(ctx, config, dict(locals()))
-    v.pop("ctx")
-    require_inputs(v["model"], [v["data"], v["eval_data"], v["members"]])
-    batch = wants_batch(v["model"], v["executor"], v["report_dir"])
+    require_inputs(model, [data, eval_data, sequela_flags.members])
+    batch = wants_batch(model, executor, report_dir)
     # With several models --out is a folder: each cleaned file is checked against its inputs by api.clean.
-    guard_outputs([("--out", None if batch else v["out"]), ("--json", v["json_out"]), ("--sarif", v["sarif"]),
-                   ("--html", v["html"])],
-                  [*(p for m in v["model"] for p in model_inputs(m, v["model_config"])), v["data"], v["eval_data"],
-                   v["members"], *model_inputs(v["reference"], None), config, v["triggers_file"],
-                   *trigger_inputs(v["trigger"])])
-    if batch and (v["sarif"] is not None or v["html"] is not None):
-        raise BdauditError("--sarif/--html render one model's report: with several models use --report-dir "
-                           "and `bdaudit report DIR/NAME.json --html OUT.html`")
-    settings: dict[str, Any] = {**parse_settings(v["set_"]),
-                                **{k: v[k] for k in SETTING_FLAGS if v[k] is not None}}
-    console, show = consoles(v["json_out"], v["quiet"])
+    guard_outputs([("--out", None if batch else out), ("--json", json_out), ("--sarif", sarif), ("--html", html)],
+                  [*(p for m in model for p in model_flags.inputs(m)), data, eval_data, sequela_flags.members,
+                   *model_inputs(sequela_flags.reference, None), config, triggers_file, *trigger_inputs(trigger)])
+    one_report_only(batch, sarif, html)
+    console, show = consoles(json_out, quiet)
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
     from bdaudit import api
-    from bdaudit.detect.probe import Gates
     from bdaudit.report.render import epoch_progress, render_schedule
-    from bdaudit.workflows.clean import CleanGates
 
-    common: dict[str, Any] = dict(
-        method=v["method"], settings=settings, scope=v["scope"],
-        runtime=api.Runtime(v["device"], 256, v["seed"]),
-        model_flags=model_flags(v["arch"], v["num_classes"], v["in_chans"], v["input_size"], v["mean"],
-                                v["std"], v["class_names"]),
-        model_config=v["model_config"])
-    data_options = api.DataOptions(v["data"], v["eval_data"], v["holdout"])
-    if v["show_schedule"]:
+    options = api.CleanOptions(method, {**parse_settings(set_), **tune_flags.settings()}, scope, unlearn_fraction,
+                               None if no_sequela else sequela_flags.options())
+    runtime = api.Runtime(device, 256, seed)
+    data_options = api.DataOptions(data, eval_data, holdout)
+    if show_schedule:
         if batch:
             raise BdauditError("--show-schedule prints one model's schedule: name a single model")
-        render_schedule(api.plan_schedule(v["model"][0], data_options, **common), console)
+        render_schedule(api.plan_schedule(model_flags.options(model[0]), data_options, options, runtime=runtime),
+                        console)
         return
 
-    common.update(
-        triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],
-        gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
-        force=v["force"], unlearn_fraction=v["unlearn_fraction"], invert=v["invert"], detect=v["detect"],
-        sequela=None if v["no_sequela"] else sequela_options(
-            v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]))
+    common: dict[str, Any] = dict(
+        probe=api.ProbeOptions(trigger or (), triggers_file, target, detect, invert),
+        gates=api.CleanGates(gate_flags.gates(), max_accuracy_drop), runtime=runtime)
     if batch:
-        run_batch(api.clean_many, v["model"], data_options, v["out"], executor=v["executor"],
-                  ray_address=v["ray_address"], report_dir=v["report_dir"], json_out=v["json_out"],
-                  console=console, show=show, **common)
+        run_batch(api.clean_many, model, data_options, out, executor=executor, ray_address=ray_address,
+                  report_dir=report_dir, json_out=json_out, console=console, show=show, model=model_flags.options(),
+                  options=options, output=api.OutputOptions(None, force), **common)
         return
     with epoch_progress(console, show) as progress:
-        report = api.clean(v["model"][0], data_options, v["out"], on_epoch=progress, **common)
-    finish(report, v["json_out"], console, show, v["sarif"], v["html"])
+        report = api.clean(model_flags.options(model[0]), data_options, options,
+                           output=api.OutputOptions(out, force), on_epoch=progress, **common)
+    finish(report, json_out, console, show, sarif, html)

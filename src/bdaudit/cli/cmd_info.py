@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bdaudit.cli.app import Debug, app, guarded
+from bdaudit.cli.app import app, guarded
+from bdaudit.cli.options import Debug
 
 
 def show_listing(rows: list[dict[str, Any]], as_json: bool, title: str, params_key: str,

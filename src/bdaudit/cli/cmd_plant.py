@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,25 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bdaudit.cli.app import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed, app, guard_outputs, guarded
-from bdaudit.core.errors import BdauditError
+from bdaudit.cli.app import app, guard_outputs, guarded
+from bdaudit.cli.options import BatchSize, Debug, Device, EvalDir, Holdout, Quiet, Seed
 
 if TYPE_CHECKING:
-    from bdaudit.planting.common import PlantOptions
-    from bdaudit.planting.plant import PlantResult, TrainSettings
-
-PARADIGMS = ("standalone", "transfer", "encoder")
-
-
-def parse_params(text: str | None) -> dict[str, str]:
-    """``key=value,key=value`` → dict (values are coerced by the trigger's field types)."""
-    params: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise BdauditError(f"--trigger-params item '{item}' is not key=value")
-        params[key.strip()] = value.strip()
-    return params
+    from bdaudit.planting.plant import PlantResult
 
 
 def show_result(result: PlantResult, console: Console) -> None:
@@ -75,63 +58,23 @@ def plant(
     debug: Debug = False,
 ) -> None:
     """Train a backdoored model on clean data (or a clean reference with --attack none)."""
-    if paradigm not in PARADIGMS:
-        raise BdauditError(f"--paradigm must be one of {', '.join(PARADIGMS)}, not '{paradigm}'")
     guard_outputs([("--out", out)], [data, eval_data, upstream, downstream_data])
     # Heavy imports (torch, timm) only once a command runs: `bdaudit --help` and usage errors stay fast.
-    from bdaudit.planting import TRANSFER_SETTINGS, AttackChoice, EncoderBackdoor, PlantOptions, plant_encoder
-    from bdaudit.planting.plant import CLEAN, TrainSettings
-    from bdaudit.planting.plant import plant as plant_standalone
+    from bdaudit import api
 
+    options = api.PlantOptions(attack=attack, target=target, poison_rate=poison_rate,
+                               trigger_params=api.parse_params(trigger_params), arch=arch, paradigm=paradigm,
+                               epochs=epochs, lr=lr, hflip=hflip, half=half)
     console = Console(highlight=False, markup=False)
-    defaults = TRANSFER_SETTINGS if paradigm == "transfer" else TrainSettings()
-    # `is None`, not `or`: an explicit 0 must be refused by TrainSettings, not replaced by the default.
-    settings = TrainSettings(epochs=defaults.epochs if epochs is None else epochs,
-                             lr=defaults.lr if lr is None else lr, batch_size=batch_size, hflip=hflip)
 
-    def progress(epoch: int, loss: float) -> None:
-        if not quiet:
-            console.print(f"epoch {epoch + 1}/{settings.epochs}  loss {loss:.4f}")
+    def progress(phase: str, epoch: int, epochs: int | None, loss: float) -> None:
+        if phase:
+            console.print(f"{phase} epoch {epoch + 1} loss {loss:.4f}")
+        else:
+            console.print(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}")
 
-    common = PlantOptions(eval_dir=eval_data, holdout=holdout, seed=seed, device=device, force=force, half=half)
-    if paradigm == "standalone":
-        choice = AttackChoice(attack, target, poison_rate, parse_params(trigger_params))
-        result = plant_standalone(data, out, attack=choice, arch=arch, settings=settings, options=common,
-                                  on_epoch=progress)
-    elif paradigm == "encoder":
-        spec = attack if not trigger_params else f"{attack}:{trigger_params}"
-        result = plant_encoder(data, out, backdoor=EncoderBackdoor("badnets" if attack == CLEAN else spec, target,
-                                                                  clean=attack == CLEAN),
-                               arch=arch, options=common,
-                               on_epoch=None if quiet else
-                               lambda phase, epoch, loss: console.print(f"{phase} epoch {epoch + 1} "
-                                                                        f"loss {loss:.4f}"))
-    else:
-        result = _plant_transfer(data, out, upstream, downstream_data, mode, attack, target, poison_rate,
-                                 arch, trigger_params, settings, progress, common)
+    result = api.plant(api.DataOptions(data, eval_data, holdout), api.OutputOptions(out, force), options,
+                       transfer=api.TransferOptions(upstream, downstream_data, mode),
+                       runtime=api.Runtime(device, batch_size, seed), on_epoch=None if quiet else progress)
     if not quiet:
         show_result(result, console)
-
-
-def _plant_transfer(data: Path, out: Path, upstream: Path | None, downstream: Path | None, mode: str,
-                    attack: str, target: int, poison_rate: float, arch: str, trigger_params: str | None,
-                    settings: TrainSettings, progress: Callable[[int, float], None],
-                    common: PlantOptions) -> PlantResult:
-    """Plant an upstream on --data (unless --upstream is given), then fine-tune it as the victim."""
-    from bdaudit.planting import AttackChoice, plant_transfer
-    from bdaudit.planting.plant import TrainSettings
-    from bdaudit.planting.plant import plant as plant_standalone
-
-    if downstream is None:
-        raise BdauditError("--paradigm transfer needs --downstream-data DIR (the victim's clean data)")
-    if out.exists() and not common.force:
-        raise BdauditError(f"output {out} already exists; choose another path or pass --force")
-    with tempfile.TemporaryDirectory() as tmp:
-        if upstream is None:
-            upstream = Path(tmp) / "upstream.safetensors"
-            upstream_settings = TrainSettings(batch_size=settings.batch_size, hflip=settings.hflip)
-            choice = AttackChoice(attack, target, poison_rate, parse_params(trigger_params))
-            plant_standalone(data, upstream, attack=choice, arch=arch, settings=upstream_settings, on_epoch=progress,
-                             options=dataclasses.replace(common, eval_dir=None, force=True))
-        return plant_transfer(upstream, downstream, out, mode=mode, settings=settings, on_epoch=progress,
-                              options=common)

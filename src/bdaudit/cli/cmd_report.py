@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from bdaudit.cli.app import Debug, HtmlOut, SarifOut, app, guard_outputs, guarded, write_rendered
+from bdaudit.cli.app import app, guard_outputs, guarded, write_rendered
+from bdaudit.cli.options import Debug, HtmlOut, SarifOut
 from bdaudit.core.errors import BdauditError
 
 

@@ -135,7 +135,7 @@ def _normalize_fields(raw: Any, source: str) -> dict[str, Any]:
             raise ValueError("arch_kwargs keys must be names")
     except (TypeError, ValueError, OverflowError) as exc:
         raise CheckpointError(f"{source}: malformed model config ({exc}); fix it or override it with "
-                              "flags or --model-config") from None
+                              "flags or `model_config`") from None
     return out
 
 
@@ -162,7 +162,7 @@ def read_metadata(metadata: dict[str, str] | None) -> dict[str, Any]:
             return _normalize_fields(json.loads(metadata[METADATA_KEY]), "checkpoint metadata")
         except (json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"checkpoint metadata '{METADATA_KEY}' is not valid JSON ({exc}); "
-                                  "override it with --model-config or flags") from None
+                                  "override it with `model_config` or flags") from None
     flat: dict[str, Any] = {("arch" if k == "architecture" else k): v for k, v in metadata.items()
                             if k in CONFIG_FIELDS or k == "architecture"}
     for key, value in list(flat.items()):
@@ -171,7 +171,7 @@ def read_metadata(metadata: dict[str, str] | None) -> dict[str, Any]:
                 flat[key] = json.loads(value)
             except (json.JSONDecodeError, RecursionError) as exc:
                 raise CheckpointError(f"checkpoint metadata '{key}' is not valid JSON ({exc}); "
-                                      "override it with --model-config or flags") from None
+                                      "override it with `model_config` or flags") from None
     return _normalize_fields(flat, "checkpoint metadata")
 
 
@@ -188,8 +188,8 @@ def resolve_model_config(metadata: dict[str, Any], sidecar: dict[str, Any],
     missing = [k for k in ("arch", "num_classes") if k not in merged]
     if missing:
         raise CheckpointError(
-            f"{source} does not say its {' and '.join(missing)}: pass --arch/--num-classes, "
-            "a MODEL.yaml sidecar, or --model-config FILE")
+            f"{source} does not say its {' and '.join(missing)}: pass `arch`/`num_classes`, "
+            "a MODEL.yaml sidecar, or `model_config` FILE")
     names = merged.get("class_names")
     if names and len(names) != merged["num_classes"]:
         raise CheckpointError(f"{len(names)} class names given but num_classes is "

@@ -161,7 +161,7 @@ def load_image_folder(root: str | Path, prep: Preprocessing,
 def stratified_split(data: ImageSet, holdout: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Seeded per-class split into (tuning, held-out); the same for every command."""
     if not 0.0 < holdout < 1.0:
-        raise DataError(f"--holdout must be between 0 and 1 (exclusive), not {holdout}")
+        raise DataError(f"`holdout` must be between 0 and 1 (exclusive), not {holdout}")
     gen = torch.Generator().manual_seed(seed)
     tune_idx, held_idx = [], []
     for cls in range(data.num_classes):
@@ -193,7 +193,7 @@ def resolve_data(data_dir: str | Path, config: ModelConfig, holdout: float = 0.2
     data = load_image_folder(data_dir, prep, names)
     if names is None and data.num_classes > config.num_classes:
         raise DataError(f"{data_dir} has {data.num_classes} class folders but the model has "
-                        f"{config.num_classes} classes; pass --class-names or fix the folders")
+                        f"{config.num_classes} classes; pass `class_names` or fix the folders")
     if names is None:  # folders name the first classes; pad so indices match the model's outputs
         data.class_names = data.class_names + tuple(
             f"class_{i}" for i in range(data.num_classes, config.num_classes))
@@ -204,7 +204,7 @@ def resolve_data(data_dir: str | Path, config: ModelConfig, holdout: float = 0.2
     else:
         tune, heldout = stratified_split(data, holdout, seed)
     if len(heldout) == 0:
-        raise DataError(f"{data_dir}: no held-out images; add images or use --eval-data DIR")
+        raise DataError(f"{data_dir}: no held-out images; add images or use `eval_path` DIR")
     info = {
         "path": str(data_dir),
         "eval_path": str(eval_dir) if eval_dir is not None else None,

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from bdaudit.core.errors import BdauditError
 
-__all__ = ["OutputTransaction", "atomic_output", "check_outputs", "keep_outputs", "output_transaction", "write_output"]
+__all__ = ["OutputTransaction", "atomic_output", "check_outputs", "keep_outputs", "output_transaction",
+           "refuse_existing", "write_output"]
 
 _CURRENT: contextvars.ContextVar[OutputTransaction | None] = contextvars.ContextVar("bdaudit_outputs",
                                                                                      default=None)
@@ -181,12 +182,18 @@ def _backup(path: Path) -> Path:
     return backup
 
 
+def refuse_existing(path: str | Path, force: bool) -> None:
+    """An existing output is replaced only with ``force``: called before any work, so a long run
+    does not fail at its very end."""
+    if Path(path).exists() and not force:
+        raise BdauditError(f"output {path} already exists; choose another path or pass `force`")
+
+
 @contextmanager
 def atomic_output(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temp path next to ``path``; rename it into place only if the block succeeds."""
     path = Path(path)
-    if path.exists() and not force:
-        raise BdauditError(f"output {path} already exists; choose another path or pass --force")
+    refuse_existing(path, force)
     if path.is_dir():
         raise BdauditError(f"output {path} is a folder; give a file path")
     try:

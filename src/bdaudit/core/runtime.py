@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 def resolve_device_name(name: str) -> str:
     """Check the spelling only (for devices resolved elsewhere, e.g. on Ray workers)."""
     if name not in DEVICES and not name.startswith("cuda:"):
-        raise BdauditError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), not '{name}'")
+        raise BdauditError(f"`device` must be one of {', '.join(DEVICES)} (or cuda:N), not '{name}'")
     return name
 
 
@@ -29,9 +29,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BdauditError("--device cuda was asked for but CUDA is not available; use --device auto")
+        raise BdauditError("`device` cuda was asked for but CUDA is not available; use `device` auto")
     if name == "mps" and not mps_ok:
-        raise BdauditError("--device mps was asked for but MPS is not available; use --device auto")
+        raise BdauditError("`device` mps was asked for but MPS is not available; use `device` auto")
     return torch.device(name)
 
 
@@ -47,7 +47,7 @@ def eval_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def seed_everything(seed: int) -> torch.Generator:
     """Seed every global RNG and return a CPU generator for explicit random choices."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise BdauditError(f"--seed must be a whole number from 0 to 2**63-1, not {seed!r}")
+        raise BdauditError(f"`seed` must be a whole number from 0 to 2**63-1, not {seed!r}")
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

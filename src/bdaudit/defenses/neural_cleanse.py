@@ -68,9 +68,8 @@ class NCSettings(TuneSettings):
                                      anomaly_threshold=self.anomaly_threshold, anomaly_scale=self.anomaly_scale)
         except BdauditError as exc:  # name the field as this method spells it
             message = str(exc)
-            for short, long in (("`steps`", "`inversion_steps`"), ("`batch_size`", "`inversion_batch_size`"),
-                                ("`lr`", "`inversion_lr`"), ("--steps ", "--inversion-steps "),
-                                ("--batch-size ", "--inversion-batch-size "), ("--lr ", "--inversion-lr ")):
+            for short, long in (("`steps` ", "`inversion_steps` "), ("`batch_size` ", "`inversion_batch_size` "),
+                                ("`lr` ", "`inversion_lr` ")):
                 message = message.replace(short, long)
             raise BdauditError(message) from None
 

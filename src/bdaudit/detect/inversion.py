@@ -93,7 +93,7 @@ class InversionSettings:
                   "anomaly_scale": "l1 or log"}
         for name, ok in checks.items():
             if not ok:
-                raise BdauditError(f"--{name.replace('_', '-')} must be {wanted[name]}, not {getattr(self, name)}")
+                raise BdauditError(f"`{name}` must be {wanted[name]}, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,7 +209,7 @@ def score_classes(classes: Sequence[int], l1_norms: Sequence[float], scale: str 
                   threshold: float = ANOMALY_THRESHOLD) -> tuple[torch.Tensor, list[int]]:
     """Anomaly indices and flagged classes on the ``l1`` norms (the paper) or their logarithms."""
     if scale not in SCALES:
-        raise BdauditError(f"--anomaly-scale must be l1 or log, not '{scale}'")
+        raise BdauditError(f"`anomaly_scale` must be l1 or log, not '{scale}'")
     values = torch.as_tensor(l1_norms, dtype=torch.float64)
     if scale == "log":
         values = values.clamp_min(1e-6).log()

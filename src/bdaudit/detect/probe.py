@@ -41,11 +41,11 @@ class Gates:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fail_asr <= 1.0:
-            raise BdauditError(f"--fail-asr must be in (0, 1], not {self.fail_asr}")
+            raise BdauditError(f"`fail_asr` must be in (0, 1], not {self.fail_asr}")
         if not 0.0 <= self.null_margin < 1.0:
-            raise BdauditError(f"--null-margin must be in [0, 1), not {self.null_margin}")
+            raise BdauditError(f"`null_margin` must be in [0, 1), not {self.null_margin}")
         if self.family_asr is not None and not 0.0 < self.family_asr <= 1.0:
-            raise BdauditError(f"--family-asr must be in (0, 1], not {self.family_asr}")
+            raise BdauditError(f"`family_asr` must be in (0, 1], not {self.family_asr}")
 
     def flag_reason(self, asr: float, null_asr: float) -> str | None:
         """``trigger`` (this pattern beats its null), ``family`` (the whole family works) or None."""
@@ -147,7 +147,7 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
     per_trigger = list(targets) if targets is not None else [target] * len(triggers)
     for fixed in per_trigger:
         if fixed is not None and not 0 <= fixed < data.num_classes:
-            raise BdauditError(f"--target {fixed} is not a class index (0..{data.num_classes - 1})")
+            raise BdauditError(f"`target` {fixed} is not a class index (0..{data.num_classes - 1})")
     usable = [t for t in triggers if trigger_fit_error(t, data) is None]
     transforms: list[Callable] = [_identity]
     for trig in usable:  # without nulls (e.g. per-epoch history) the null slot repeats the trigger

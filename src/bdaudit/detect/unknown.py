@@ -62,7 +62,7 @@ DETECT_MODES = ("auto", "on", "off")  # auto: on unless specific --trigger/--tri
 
 def detector_enabled(mode: str, explicit_triggers: bool) -> bool:
     if mode not in DETECT_MODES:
-        raise BdauditError(f"--detect must be one of {', '.join(DETECT_MODES)}, not '{mode}'")
+        raise BdauditError(f"`detect` must be one of {', '.join(DETECT_MODES)}, not '{mode}'")
     return mode == "on" or (mode == "auto" and not explicit_triggers)
 
 

@@ -176,7 +176,7 @@ def load_state_strict(net: nn.Module, state: dict[str, torch.Tensor], source: st
                         + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""))
     if problems:
         raise CheckpointError(f"{source} does not fit the architecture: {'; '.join(problems)}; "
-                              "check --arch/--num-classes/--in-chans")
+                              "check `arch`/`num_classes`/`in_chans`")
     net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -204,11 +204,11 @@ def probe_model(net: nn.Module, config: ModelConfig, source: str) -> bool:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
             f"{source}: the model fails on {config.in_chans}x{config.input_size[0]}x{config.input_size[1]} "
-            f"inputs ({type(exc).__name__}: {printable(first, 120)}); check --input-size/--in-chans") from None
+            f"inputs ({type(exc).__name__}: {printable(first, 120)}); check `input_size`/`in_chans`") from None
     if not isinstance(out, torch.Tensor) or out.shape != (2, config.num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise CheckpointError(f"{source}: the model returns {shape} for a batch of 2, not (2, {config.num_classes}) "
-                              "class logits; bdaudit audits classifiers (check --num-classes)")
+                              "class logits; bdaudit audits classifiers (check `num_classes`)")
     if not any(p.dim() == 4 for p in net.parameters()):
         return True
     try:
@@ -306,7 +306,7 @@ def save_model(net: nn.Module, config: ModelConfig, path: str | Path, force: boo
     for source in inputs:
         if source.exists() and path.exists() and path.resolve() == source.resolve():
             raise BdauditError(f"output {path} is the input model; bdaudit never overwrites "
-                               "its input, choose another --out")
+                               "its input, choose another `out`")
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}

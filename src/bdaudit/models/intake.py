@@ -106,8 +106,8 @@ def read_folder_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} must be a JSON object like timm's config.json")
     arch = raw.get("architecture")
     if not isinstance(arch, str):
-        hint = " (a transformers config: export the model with timm or pass --arch)" if "architectures" in raw else ""
-        raise CheckpointError(f"{path} names no timm 'architecture'{hint}; pass --arch")
+        hint = " (a transformers config: export the model with timm or pass `arch`)" if "architectures" in raw else ""
+        raise CheckpointError(f"{path} names no timm 'architecture'{hint}; pass `arch`")
     out: dict[str, Any] = {"arch": arch}
     if raw.get("num_classes") is not None:
         out["num_classes"] = raw["num_classes"]
@@ -213,7 +213,7 @@ def check_data_channels(data_dir: str | Path, in_chans: int, sample: int = 20) -
             if float((rgb.max(axis=2) - rgb.min(axis=2)).mean()) > 8:
                 raise CheckpointError(
                     f"{path} is a colour image but the model takes 1 input channel (grayscale); give "
-                    "grayscale images, or check the model (--in-chans, or its first convolution)")
+                    "grayscale images, or check the model (`in_chans`, or its first convolution)")
             looked += 1
             if looked >= sample:
                 return

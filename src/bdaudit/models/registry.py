@@ -42,7 +42,7 @@ def file_arch_kwargs(kwargs: Mapping[str, Any], source: str) -> dict[str, Any]:
         if not isinstance(key, str) or not _IDENTIFIER.match(key) or _UNSAFE_KWARG.search(key) or not plain:
             raise CheckpointError(
                 f"{source}: arch_kwargs entry '{printable(str(key), 40)}' is not a plain setting a model file "
-                "may choose; give architecture arguments in your own --model-config instead")
+                "may choose; give architecture arguments in your own `model_config` instead")
         safe[key] = list(value) if isinstance(value, list | tuple) else value
     return safe
 
@@ -137,29 +137,29 @@ def build_architecture(arch: str, num_classes: int, in_chans: int, arch_kwargs: 
             raise CheckpointError(
                 f"the model (its metadata, config.json or a YAML found beside it) names architecture "
                 f"'{printable(arch)}', an import path; bdaudit never imports code named by a model file; "
-                f"if you trust that code pass --arch {printable(arch)} (or --model-config FILE)")
+                f"if you trust that code pass `arch` {printable(arch)} (or `model_config` FILE)")
         factory = _import_factory(arch)
         kwargs = accepted_kwargs(factory, {**base, **arch_kwargs})
         missing = _missing_required(factory, kwargs)
         if missing:
             raise CheckpointError(f"architecture '{printable(arch)}' needs argument(s) {', '.join(missing)}; "
-                                  "give them under arch_kwargs in --model-config FILE.yaml")
+                                  "give them under arch_kwargs in `model_config` FILE.yaml")
         try:
             net = factory(**kwargs)
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
             raise CheckpointError(f"architecture '{printable(arch)}' raised {type(exc).__name__}: "
-                                  f"{printable(str(exc), 120)}; check its arguments (--num-classes, "
-                                  "--in-chans, arch_kwargs in --model-config)") from None
+                                  f"{printable(str(exc), 120)}; check its arguments (`num_classes`, "
+                                  "`in_chans`, arch_kwargs in `model_config`)") from None
         if not isinstance(net, nn.Module):
             raise CheckpointError(f"architecture '{printable(arch)}' returned {type(net).__name__}, not a "
-                                  "torch nn.Module; point --arch at the model class or a function returning one")
+                                  "torch nn.Module; point `arch` at the model class or a function returning one")
         return net
     registry, _, name = arch.partition(":") if arch.startswith(REGISTRY_PREFIXES) else ("timm", "", arch)
     factory_or_none = _torchvision_factory(name) if registry == "torchvision" else _timm_factory(name, input_size)
     if factory_or_none is None:
         raise CheckpointError(
             f"unknown architecture '{printable(arch)}': use a timm model name (timm.list_models()), "
-            "torchvision:NAME (torchvision.models.list_models()), or your own module:callable via --arch")
+            "torchvision:NAME (torchvision.models.list_models()), or your own module:callable via `arch`")
     try:
         return factory_or_none(**base, **arch_kwargs)
     except CheckpointError:

@@ -8,10 +8,10 @@
   linear head on it with clean labels (``plant_encoder``).
 """
 
-from bdaudit.planting.common import PlantOptions
+from bdaudit.planting.common import PlantRun
 from bdaudit.planting.encoder import EncoderBackdoor, EncoderSettings, plant_encoder
 from bdaudit.planting.plant import AttackChoice, TrainSettings
 from bdaudit.planting.transfer import TRANSFER_MODES, TRANSFER_SETTINGS, plant_transfer
 
 __all__ = ["TRANSFER_MODES", "TRANSFER_SETTINGS", "AttackChoice", "EncoderBackdoor", "EncoderSettings",
-           "PlantOptions", "TrainSettings", "plant_encoder", "plant_transfer"]
+           "PlantRun", "TrainSettings", "plant_encoder", "plant_transfer"]

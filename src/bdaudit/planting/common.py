@@ -14,7 +14,7 @@ from torch import nn
 
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import ImageSet, _class_folders
-from bdaudit.core.errors import BdauditError, TriggerError
+from bdaudit.core.errors import TriggerError
 from bdaudit.detect.probe import evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import accuracy
 from bdaudit.triggers import Trigger
@@ -23,7 +23,7 @@ EpochCallback = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
-class PlantOptions:
+class PlantRun:
     """How a plant run is held, whatever the paradigm: the held-out split (``eval_dir`` or a
     ``holdout`` share), the seed, the device and how the output is written."""
 
@@ -33,12 +33,6 @@ class PlantOptions:
     device: str = "auto"
     force: bool = False  # replace an existing output
     half: bool = False  # save float16 weights
-
-
-def check_output(out: Path, force: bool) -> None:
-    """Fail before any training rather than after it."""
-    if out.exists() and not force:
-        raise BdauditError(f"output {out} already exists; choose another path or set `force`")
 
 
 def victim_config(upstream: ModelConfig, data_dir: Path) -> tuple[ModelConfig, bool]:

@@ -27,13 +27,13 @@ from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import DataSplit, ImageSet, resolve_data, to_float
 from bdaudit.core.errors import BdauditError
 from bdaudit.core.heads import head_of
+from bdaudit.core.outputs import refuse_existing
 from bdaudit.core.runtime import resolve_device, seed_everything
 from bdaudit.engine.loop import Runtime
 from bdaudit.engine.recipe import Augment
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, load_model, save_model
 from bdaudit.planting.common import (
-    PlantOptions,
-    check_output,
+    PlantRun,
     check_trigger_fits,
     measure_trigger,
     rounded,
@@ -223,7 +223,7 @@ class EncoderBackdoor:
 
 def plant_encoder(data_dir: str | Path, out: str | Path, *, backdoor: EncoderBackdoor | None = None,
                   arch: str = "bd_cnn_small", settings: EncoderSettings | None = None,
-                  pretrained: str | Path | None = None, options: PlantOptions | None = None,
+                  pretrained: str | Path | None = None, options: PlantRun | None = None,
                   on_epoch: PhaseCallback | None = None) -> PlantResult:
     """Pre-train a SimCLR encoder on ``data_dir``'s images without labels, backdoor it
     BadEncoder-style (``trigger`` spec -> class ``target``), train a victim's linear head on the
@@ -238,10 +238,10 @@ def plant_encoder(data_dir: str | Path, out: str | Path, *, backdoor: EncoderBac
     started = time.perf_counter()
     settings = settings or EncoderSettings()
     backdoor = backdoor or EncoderBackdoor()
-    o = options or PlantOptions()
+    o = options or PlantRun()
     target, clean_encoder, seed = backdoor.target, backdoor.clean, o.seed
     out = Path(out)
-    check_output(out, o.force)
+    refuse_existing(out, o.force)
     chosen = parse_trigger(backdoor.trigger)
     # Seeded before the model is built: its initial weights are a random choice too.
     gen = seed_everything(seed)

@@ -14,18 +14,20 @@ from bdaudit import __version__
 from bdaudit.attacks import ATTACKS, Attack
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import (
+    IMAGE_SUFFIXES,
     DataSplit,
     Preprocessing,
     load_image_folder,
     resolve_data,
 )
 from bdaudit.core.errors import BdauditError, DataError
+from bdaudit.core.outputs import refuse_existing
 from bdaudit.core.runtime import resolve_device, seed_everything
 from bdaudit.detect.probe import evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import Hooks, LrFunction, Runtime, accuracy, fit
 from bdaudit.engine.recipe import Recipe, check_lr, warm_cosine
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, save_model
-from bdaudit.planting.common import PlantOptions, check_output
+from bdaudit.planting.common import PlantRun
 
 CLEAN = "none"  # --attack none plants nothing: a clean reference model
 
@@ -63,7 +65,7 @@ def infer_model_config(data_dir: Path, arch: str, in_chans: int | None = None,
     from PIL import Image
 
     first = next((p for p in sorted(data_dir.rglob("*")) if p.is_file()
-                  and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")), None)
+                  and p.suffix.lower() in IMAGE_SUFFIXES), None)
     if first is None:
         raise DataError(f"no images found under {data_dir}")
     with Image.open(first) as img:
@@ -142,16 +144,16 @@ class AttackChoice:
 
 def plant(data_dir: str | Path, out: str | Path, *, attack: AttackChoice | None = None,
           arch: str = "bd_cnn_small", settings: TrainSettings | None = None,
-          options: PlantOptions | None = None,
+          options: PlantRun | None = None,
           on_epoch: Callable[[int, float], None] | None = None) -> PlantResult:
     """Train a backdoored model from scratch (standalone paradigm) and save it with provenance."""
     started = time.perf_counter()
     settings = settings or TrainSettings()
     attack = attack or AttackChoice()
-    o = options or PlantOptions()
+    o = options or PlantRun()
     seed, force, half, target = o.seed, o.force, o.half, attack.target
     out = Path(out)
-    check_output(out, force)
+    refuse_existing(out, force)
     chosen = resolve_attack(attack.name, target, attack.poison_rate, attack.trigger_params)
     config = infer_model_config(Path(data_dir), arch, hflip=settings.hflip)
     split = resolve_data(data_dir, config, o.holdout, seed, o.eval_dir)

@@ -18,13 +18,13 @@ from bdaudit import __version__
 from bdaudit.core.data import ImageSet, resolve_data
 from bdaudit.core.errors import BdauditError, TriggerError
 from bdaudit.core.heads import HeadOnly, frozen_except, head_of
+from bdaudit.core.outputs import refuse_existing
 from bdaudit.core.runtime import resolve_device, seed_everything
 from bdaudit.engine.loop import Hooks, Runtime, fit
 from bdaudit.models.checkpoint import LoadedModel, load_model, save_model
 from bdaudit.planting.common import (
     EpochCallback,
-    PlantOptions,
-    check_output,
+    PlantRun,
     measure_trigger,
     rounded,
     victim_config,
@@ -79,7 +79,7 @@ def _check_mode(mode: str) -> None:
 
 def plant_transfer(upstream: str | Path, downstream_dir: str | Path, out: str | Path, *,
                    mode: str = "full", settings: TrainSettings | None = None,
-                   options: PlantOptions | None = None, on_epoch: EpochCallback | None = None) -> PlantResult:
+                   options: PlantRun | None = None, on_epoch: EpochCallback | None = None) -> PlantResult:
     """Fine-tune a backdoored upstream model on clean downstream data, as a victim would.
 
     ``mode="full"`` trains every weight, ``mode="head"`` only the classifier head (the body,
@@ -93,10 +93,10 @@ def plant_transfer(upstream: str | Path, downstream_dir: str | Path, out: str | 
     started = time.perf_counter()
     _check_mode(mode)
     settings = settings or TRANSFER_SETTINGS
-    o = options or PlantOptions()
+    o = options or PlantRun()
     seed, force, half = o.seed, o.force, o.half
     out = Path(out)
-    check_output(out, force)
+    refuse_existing(out, force)
     loaded = load_model(upstream)
     trigger, target = upstream_trigger(loaded)
     config, new_head = victim_config(loaded.config, Path(downstream_dir))

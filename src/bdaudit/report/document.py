@@ -9,10 +9,9 @@ from datetime import datetime, timezone
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bdaudit import __version__
-from bdaudit.detect.probe import Gates, ScanResult
 from bdaudit.models.checkpoint import LoadedModel
 
 # 1.1: trigger flag_reason, family_asr gate; 1.2: clean unlearning; 1.3: detection, verification, ASR CIs, MIA roc
@@ -48,17 +47,12 @@ def model_section(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def scan_section(result: ScanResult) -> dict[str, Any]:
-    return {"clean_accuracy": result.clean_accuracy, "n_images": result.n_images,
-            "triggers": [t.to_dict() for t in result.triggers]}
+class Findings(Protocol):
+    """A workflow's typed result: it knows its own report sections and gate reasons."""
 
+    def sections(self) -> dict[str, dict[str, Any]]: ...
 
-def scan_reasons(result: ScanResult, gates: Gates) -> list[str]:
-    return [f"trigger {t.spec} sends {t.asr:.1%} of held-out images to class "
-            f"{t.target_name!r} (null {t.null_asr:.1%}; gate {gates.fail_asr:.0%})"
-            + (f"; the whole {t.trigger} family does (family gate {gates.family_asr:.0%})"
-               if t.flag_reason == "family" else "")
-            for t in result.flagged]
+    def reasons(self) -> list[str]: ...
 
 
 @dataclass
@@ -77,6 +71,17 @@ class Report:
         timespec="seconds"))
     # Live objects the JSON leaves out (e.g. the inversion's mask tensors) for richer renderers.
     artifacts: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, kind: str, findings: list[Findings], **fields: Any) -> Report:
+        """A report whose sections and reasons come from ``findings``, in order (a later section
+        of the same name replaces an earlier one)."""
+        sections: dict[str, dict[str, Any]] = {}
+        reasons: list[str] = []
+        for part in findings:
+            sections.update(part.sections())
+            reasons += part.reasons()
+        return cls(kind=kind, sections=sections, reasons=reasons, **fields)
 
     @property
     def passed(self) -> bool:

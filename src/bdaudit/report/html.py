@@ -203,6 +203,8 @@ def sample_image(payload: dict[str, Any], avoid: Collection[str] = ()) -> Any | 
     import torch
     from PIL import Image
 
+    from bdaudit.core.data import IMAGE_SUFFIXES
+
     model, data = payload["model"], payload.get("data", {})
     for root in (data.get("eval_path"), data.get("path")):
         if not root or not Path(root).is_dir():
@@ -210,7 +212,7 @@ def sample_image(payload: dict[str, Any], avoid: Collection[str] = ()) -> Any | 
         folders = sorted(d for d in Path(root).iterdir() if d.is_dir())
         folders = [d for d in folders if d.name not in avoid] + [d for d in folders if d.name in avoid]
         files = [p for d in folders for p in sorted(d.iterdir())
-                 if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")]
+                 if p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             continue
         try:

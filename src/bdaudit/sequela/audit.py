@@ -77,6 +77,20 @@ def audit_sequela(models: dict[str, nn.Module], *, tune: ImageSet, heldout: Imag
     return section
 
 
+@dataclass
+class SequelaAudit:
+    """The sequela audit's result: its report section (``audit_sequela``) and gate reasons."""
+
+    section: dict[str, Any]
+    gates: SequelaGates
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        return {"sequela": self.section}
+
+    def reasons(self) -> list[str]:
+        return sequela_reasons(self.section, self.gates)
+
+
 def sequela_reasons(section: dict[str, Any], gates: SequelaGates) -> list[str]:
     reasons = []
     if gates.max_mia_auc is not None:

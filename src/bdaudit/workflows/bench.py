@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -29,11 +29,8 @@ from bdaudit.core.errors import BdauditError
 from bdaudit.core.runtime import environment_info, resolve_device, resolve_device_name, seed_everything
 from bdaudit.defenses import DEFENSES, create_defense
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE
-from bdaudit.detect.inversion import invert_seeded
 from bdaudit.models.checkpoint import LoadedModel, atomic_output, load_model
 from bdaudit.models.intake import HF_PREFIX
-from bdaudit.planting.common import PlantOptions
-from bdaudit.planting.plant import AttackChoice, TrainSettings, plant
 from bdaudit.report.plots import plot_scatter
 from bdaudit.sequela.mia import membership_inference
 from bdaudit.sequela.reinjection import ReinjectionSettings, reinjection_attack
@@ -41,6 +38,9 @@ from bdaudit.triggers import Trigger, create_trigger, parse_trigger
 from bdaudit.triggers.base import model_triggers
 from bdaudit.workflows.clean import CleanGates, run_defense
 from bdaudit.workflows.executors import Executor, LocalExecutor
+from bdaudit.workflows.options import DataOptions, OutputOptions, Runtime
+from bdaudit.workflows.plant import PlantOptions, plant_model
+from bdaudit.workflows.scan import add_inverted
 
 BENCH_VERSION = "1.0.0"
 # The default-method rule: lowest worst-case ASR among methods within clean's own accuracy gate
@@ -103,9 +103,9 @@ class BenchPlan:
         if unknown:
             raise BdauditError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(DEFENSES))}")
         if not self.methods or not self.clean_sizes:
-            raise BdauditError("bench needs at least one --methods entry and one clean size")
+            raise BdauditError("bench needs at least one `methods` entry and one clean size")
         if any(n < 1 for n in self.clean_sizes):
-            raise BdauditError("--clean-size / --clean-fraction must give at least one image")
+            raise BdauditError("`clean_size` / `clean_fraction` must give at least one image")
 
 
 @dataclass
@@ -166,20 +166,20 @@ def subjects_from_manifest(manifest: str | Path, names: Sequence[str] = ()) -> l
     return subjects
 
 
-def plant_subjects(data: Path, attacks: Sequence[str], folder: Path, *, arch: str, poison_rate: float,
-                   target: int, settings: TrainSettings, eval_dir: Path | None, seed: int, device: str,
-                   on_plant: Callable[[str], None] | None = None) -> list[Subject]:
-    """Plant each attack once; a model already planted in ``folder`` is reused."""
+def plant_subjects(data: DataOptions, attacks: Sequence[str], folder: Path, options: PlantOptions,
+                   runtime: Runtime, on_plant: Callable[[str], None] | None = None) -> list[Subject]:
+    """Plant each attack once (``options`` with each attack in turn, standalone); a model already
+    planted in ``folder`` is reused."""
     subjects = []
     for attack in attacks:
-        out = folder / f"{attack}-{arch}-p{poison_rate:g}-t{target}-s{seed}.safetensors"
+        out = folder / f"{attack}-{options.arch}-p{options.poison_rate:g}-t{options.target}-s{runtime.seed}.safetensors"
         if not out.exists():
             if on_plant is not None:
                 on_plant(attack)
-            plant(data, out, attack=AttackChoice(attack, target, poison_rate), arch=arch, settings=settings,
-                  options=PlantOptions(eval_dir=eval_dir, seed=seed, device=device))
+            plant_model(data, OutputOptions(out), dataclasses.replace(options, attack=attack, paradigm="standalone"),
+                        runtime=runtime)
         subjects.append(Subject(name=attack, path=out, attack=attack,
-                                trigger=None if attack == "input_aware" else attack, target=target))
+                                trigger=None if attack == "input_aware" else attack, target=options.target))
     return subjects
 
 
@@ -196,7 +196,7 @@ def stratified_subset(data: ImageSet, n_images: int, seed: int) -> ImageSet:
              if idx.numel() < quota + (1 if c < extra else 0)]
     if short:
         raise BdauditError(f"the clean data has too few images of class(es) {', '.join(short[:8])} for a "
-                           f"{n_images}-image subset; lower --clean-size or add images")
+                           f"{n_images}-image subset; lower `clean_size` or add images")
     return data.subset(torch.cat(chosen).sort().values)
 
 
@@ -205,10 +205,10 @@ def clean_sizes_from(fractions: Sequence[float], sizes: Sequence[int], train_siz
     result = list(sizes)
     for fraction in fractions:
         if not 0.0 < fraction <= 1.0:
-            raise BdauditError(f"--clean-fraction must be in (0, 1], not {fraction}")
+            raise BdauditError(f"`clean_fraction` must be in (0, 1], not {fraction}")
         if train_size is None:
-            raise BdauditError("--clean-fraction needs the models' training-set size: pass --train-size N "
-                               "(or use --clean-size)")
+            raise BdauditError("`clean_fraction` needs the models' training-set size: pass `train_size` N "
+                               "(or use `clean_size`)")
         result.append(max(1, round(fraction * train_size)))
     return tuple(dict.fromkeys(result))
 
@@ -253,22 +253,30 @@ def split_clean_options(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[
     return method_only, options
 
 
-def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], split: DataSplit, method: str,
-             settings: dict[str, Any], plan: BenchPlan, device: torch.device, attacker_data: ImageSet,
-             ) -> dict[str, Any]:
+class SubjectData(NamedTuple):
+    """What the driver loads once per subject and shares with every cell of it."""
+
+    loaded: LoadedModel
+    triggers: list[Trigger]
+    pool: ImageSet  # the whole clean pool: tuning subsets are drawn from it
+    heldout: ImageSet
+
+
+def run_cell(subject: Subject, model_data: SubjectData, split: DataSplit, method: str,
+             settings: dict[str, Any], plan: BenchPlan, device: torch.device) -> dict[str, Any]:
     """Clean a copy of one model with one method; measure utility, ASR and (optionally) sequela.
 
     Sequela: membership inference of the tuning subset against the held-out images, and the
-    retuning attack drawn from ``attacker_data`` (the whole clean pool, so every clean size faces
-    the same attacker)."""
+    retuning attack drawn from the whole clean pool, so every clean size faces the same attacker."""
+    loaded, triggers, attacker_data = model_data.loaded, model_data.triggers, model_data.pool
     method_only, options = split_clean_options(settings)
     defense = create_defense(method, method_only)
     gen = seed_everything(plan.seed)
     started = time.perf_counter()
     unlearn_only = None
     if options.pop("unlearn_source") == "inverted":
-        unlearn_only = invert_seeded(loaded.classifier(), split.tune, device, plan.seed).flagged_triggers()
-        triggers = [*triggers, *unlearn_only]
+        _, triggers = add_inverted(loaded.classifier(), split, device, plan.seed, triggers)
+        unlearn_only = triggers[len(model_data.triggers):]
     outcome = run_defense(defense, loaded, split, triggers, scope="full", device=device, gen=gen,
                           batch_size=256, gates=CleanGates(), target=subject.target, track_history=False,
                           unlearn_only=unlearn_only, **options)
@@ -297,15 +305,14 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
     return row
 
 
-def bench_cell(subject: Subject, model_data: tuple[LoadedModel, list[Trigger], ImageSet, ImageSet], size: int,
-               method: str, settings: dict[str, Any], plan: BenchPlan, device: str) -> dict[str, Any]:
+def bench_cell(subject: Subject, model_data: SubjectData, size: int, method: str, settings: dict[str, Any],
+               plan: BenchPlan, device: str) -> dict[str, Any]:
     """One cell from what the driver loaded once per model: the unit an executor runs (in this
     process or as a Ray task), so both compute from the same inputs and seed."""
-    loaded, triggers, pool, heldout = model_data
-    tune = stratified_subset(pool, size, plan.seed)
-    split = DataSplit(tune=tune, heldout=heldout, info={"tune_sha256": tune.digest()})
-    return run_cell(subject, loaded, triggers, split, method, settings, plan, resolve_device(device),
-                    attacker_data=pool)
+    model_data = SubjectData(*model_data)
+    tune = stratified_subset(model_data.pool, size, plan.seed)
+    split = DataSplit(tune=tune, heldout=model_data.heldout, info={"tune_sha256": tune.digest()})
+    return run_cell(subject, model_data, split, method, settings, plan, resolve_device(device))
 
 
 CellCallback = Callable[[int, int, dict[str, Any], bool], None]  # (index, total, row, reused)
@@ -361,7 +368,7 @@ def run_bench(subjects: Sequence[Subject], clean_data: Path, eval_data: Path, pl
                         on_cell(len(rows), total, rows[-1], True)
                     continue
                 if shared is None:  # sent to the workers once per model, only if a cell needs it
-                    shared = executor.share((loaded, triggers, pool, heldout))
+                    shared = executor.share(SubjectData(loaded, triggers, pool, heldout))
                 rows.append(None)
                 jobs.append((len(rows) - 1, key, method,
                              (subject, shared, size, base, settings, plan, device)))

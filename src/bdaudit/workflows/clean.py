@@ -20,8 +20,8 @@ from bdaudit.defenses import SCOPES, Defense, DefenseContext
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE, plan_unlearning
 from bdaudit.detect.probe import Gates, ScanResult, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, save_model
-from bdaudit.report.document import scan_section
 from bdaudit.triggers import Trigger
+from bdaudit.workflows.scan import scan_section
 
 MIN_IMAGES_PER_CLASS = 5  # below this the tuning set cannot represent a class
 
@@ -58,7 +58,7 @@ def check_tuning_data(tune: ImageSet, loaded: LoadedModel) -> None:
     if thin:
         raise BdauditError(f"too few clean tuning images for class(es) {', '.join(thin[:8])}: need at "
                            f"least {MIN_IMAGES_PER_CLASS} per class ({MIN_IMAGES_PER_CLASS * len(counts)} "
-                           "in all); add images or lower --holdout")
+                           "in all); add images or lower `holdout`")
 
 
 def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, triggers: Sequence[Trigger], *,
@@ -72,7 +72,7 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
     ``unlearn_fraction``, tuning defenses also unlearn the triggers the first scan flagged
     (``defenses.unlearning``) — of ``unlearn_only`` if given (the rest are only measured)."""
     if scope not in SCOPES:
-        raise BdauditError(f"--scope must be one of {', '.join(SCOPES)}, not '{scope}'")
+        raise BdauditError(f"`scope` must be one of {', '.join(SCOPES)}, not '{scope}'")
     if scope == "head":
         head_of(loaded.net, loaded.config)
     check_tuning_data(split.tune, loaded)

@@ -19,7 +19,7 @@ from typing import Any
 from bdaudit.core.errors import BdauditError
 
 EXECUTOR_NAMES = ("local", "ray")
-RAY_MISSING = "--executor ray needs Ray, which is not installed: pip install 'bdaudit[ray]'"
+RAY_MISSING = "`executor` ray needs Ray, which is not installed: pip install 'bdaudit[ray]'"
 
 
 @dataclass
@@ -132,7 +132,7 @@ class RayExecutor(Executor):
                 self.ray.init(**options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-                raise BdauditError(f"cannot start or reach {where}: {exc}; check --ray-address "
+                raise BdauditError(f"cannot start or reach {where}: {exc}; check `ray_address` "
                                    "(host:port of the head node, or auto)") from None
             self.started = not address
         self._remote = self.ray.remote(_ray_entry)
@@ -196,7 +196,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise BdauditError(f"cannot reach the Ray cluster at {address}: {exc}; check --ray-address "
+        raise BdauditError(f"cannot reach the Ray cluster at {address}: {exc}; check `ray_address` "
                            "(HOST:PORT of the head node, e.g. 10.0.0.5:6379) or start one with `ray start --head`"
                            ) from None
 
@@ -214,7 +214,7 @@ EXECUTORS: dict[str, Callable[[str | None], Executor]] = {
 def create_executor(name: str = "local", address: str | None = None) -> Executor:
     """``local`` (default) or ``ray``; ``address`` is for engines that join a cluster."""
     if name not in EXECUTORS:
-        raise BdauditError(f"--executor must be one of {', '.join(EXECUTORS)}, not '{name}'")
+        raise BdauditError(f"`executor` must be one of {', '.join(EXECUTORS)}, not '{name}'")
     if address and name == "local":
-        raise BdauditError("--ray-address needs --executor ray")
+        raise BdauditError("`ray_address` needs `executor` ray")
     return EXECUTORS[name](address or None)
