@@ -13,7 +13,7 @@ from torch import nn
 from bdaudit.core.data import ImageSet, to_float
 from bdaudit.core.defaults import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN
 from bdaudit.core.errors import BdauditError
-from bdaudit.core.runtime import eval_autocast
+from bdaudit.core.predict import Predictor
 from bdaudit.triggers import Trigger
 
 
@@ -103,23 +103,11 @@ def attack_success_rates(preds: torch.Tensor, labels: torch.Tensor, num_classes:
     return (sent_to - correct_in) / not_of.clamp(min=1)
 
 
-@torch.no_grad()
 def _predict_all(classifier: nn.Module, data: ImageSet, transforms: Sequence[Callable],
-                 batch_size: int, device: torch.device, advance: Callable[[int], None] | None,
+                 batch_size: int | None, device: torch.device, advance: Callable[[int], None] | None,
                  ) -> list[torch.Tensor]:
-    """Predictions under each transform, converting each uint8 batch to float once. They stay on
-    the device until the end: one copy back, no per-batch synchronisation."""
-    classifier.to(device, memory_format=torch.channels_last).eval()
-    outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
-    for start in range(0, len(data), batch_size):
-        x = to_float(data.images[start:start + batch_size], device)
-        for slot, transform in enumerate(transforms):
-            stamped = transform(x)  # triggers stay fp32: only the classifier's forward is autocast
-            with eval_autocast(device):
-                outputs[slot].append(classifier(stamped).argmax(1))
-        if advance is not None:
-            advance(min(batch_size, len(data) - start))
-    return [torch.cat(chunks).cpu() for chunks in outputs]
+    """Predictions under each transform (``core.predict``: an evaluation copy, one copy back)."""
+    return Predictor(classifier, device, batch_size).labels(data.images, transforms, advance)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdaudit.core.data import ImageSet, to_float
+from bdaudit.core.predict import predict as core_predict
 
 # Far beyond any useful run, yet small enough that a typo (--epochs 10^20) is refused, not started.
 MAX_EPOCHS = 10_000
@@ -123,20 +124,12 @@ def train(classifier: nn.Module, data: ImageSet, *, epochs: int, batch_size: int
     classifier.eval()
 
 
-@torch.no_grad()
-def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int | None, device: torch.device,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Predicted labels for uint8 images, optionally transformed (e.g. triggered) first."""
-    classifier.to(device, memory_format=torch.channels_last).eval()
-    preds = []
-    for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size], device)
-        if transform is not None:
-            x = transform(x)
-        preds.append(classifier(x).argmax(1).cpu())
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return core_predict(classifier, images, device, batch_size, transform)
 
 
-def accuracy(classifier: nn.Module, data: ImageSet, batch_size: int, device: torch.device) -> float:
+def accuracy(classifier: nn.Module, data: ImageSet, batch_size: int | None, device: torch.device) -> float:
     preds = predict(classifier, data.images, batch_size, device)
     return float((preds == data.labels).float().mean()) if len(data) else float("nan")
