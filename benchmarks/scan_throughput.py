@@ -14,7 +14,7 @@ import torch
 from common import DATA, SAMPLES, machine
 
 from bdaudit.core.data import resolve_data
-from bdaudit.detect.probe import evaluate_triggers
+from bdaudit.detect.probe import ProbeOptions, evaluate_triggers
 from bdaudit.engine.loop import predict
 from bdaudit.models.checkpoint import load_model
 from bdaudit.triggers import default_triggers
@@ -44,8 +44,8 @@ def main() -> None:
     passes = 1 + 2 * len(triggers)
     bare = best_of(args.repeats, lambda: [predict(classifier, images, args.batch_size, device)
                                           for _ in range(passes)])
-    scan = best_of(args.repeats, lambda: evaluate_triggers(classifier, data, triggers, device=device,
-                                                           batch_size=args.batch_size))
+    scan = best_of(args.repeats, lambda: evaluate_triggers(
+        classifier, data, triggers, ProbeOptions(batch_size=args.batch_size, probe="full"), device=device))
     n = passes * len(images)
     print(f"machine: {machine()}")
     print(f"{len(images)} images x {passes} passes, batch {args.batch_size}")

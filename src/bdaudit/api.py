@@ -18,7 +18,7 @@ from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.detect.inversion import inversion_reasons, invert_seeded
-from bdaudit.detect.probe import Gates, evaluate_triggers, trigger_fit_error
+from bdaudit.detect.probe import Gates, ProbeOptions, evaluate_triggers, trigger_fit_error
 from bdaudit.detect.unknown import detect_reasons, detect_unknown, detector_enabled
 from bdaudit.models.checkpoint import LoadedModel, load_model
 from bdaudit.models.intake import check_data_channels
@@ -114,9 +114,9 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
     if detection is not None:
         chosen += detection.flagged_triggers()  # their held-out ASR (with its interval) is reported
     advance = progress("scanning", len(split.heldout)) if progress else None
-    result = evaluate_triggers(loaded.classifier(), split.heldout, chosen, device=device,
-                               batch_size=runtime.batch_size, target=target, gates=gates,
-                               advance=advance)
+    result = evaluate_triggers(loaded.classifier(), split.heldout, chosen,
+                               ProbeOptions(gates, target, batch_size=runtime.batch_size),
+                               device=device, advance=advance)
     sections, reasons = {"scan": scan_section(result)}, scan_reasons(result, gates)
     sections["detection"] = _detection_section(detection, detect)
     if detection is not None:
@@ -283,8 +283,8 @@ def sequela(model_path: str | Path, data: DataOptions, *, original: str | Path |
         models["original"] = probe_model = load_model(original, model_flags, model_config).classifier()
     models.update(_reference(options, model_flags, model_config))
     chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
-    found = evaluate_triggers(probe_model, split.heldout, chosen, device=device,
-                              batch_size=runtime.batch_size, target=target)
+    found = evaluate_triggers(probe_model, split.heldout, chosen,
+                              ProbeOptions(target=target, batch_size=runtime.batch_size), device=device)
     section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
                             probe=reinjection_probe(found, chosen), device=device, seed=runtime.seed,
                             members=_members(options, loaded), reinjection=options.reinjection)

@@ -18,7 +18,7 @@ from bdaudit.core.errors import BdauditError
 from bdaudit.defenses import SCOPES, Defense, DefenseContext
 from bdaudit.defenses.base import head_module
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE, plan_unlearning
-from bdaudit.detect.probe import Gates, ScanResult, evaluate_triggers
+from bdaudit.detect.probe import Gates, ProbeOptions, ScanResult, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, save_model
 from bdaudit.report.document import scan_section
 from bdaudit.triggers import Trigger
@@ -78,8 +78,8 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
     check_tuning_data(split.tune, loaded)
     started = time.perf_counter()
     original = loaded.classifier()
-    before = evaluate_triggers(original, split.heldout, triggers, device=device, batch_size=batch_size,
-                               target=target, gates=gates.scan)
+    before = evaluate_triggers(original, split.heldout, triggers,
+                               ProbeOptions(gates.scan, target, batch_size=batch_size), device=device)
     targets = [t.target for t in before.triggers]
     usable = [(trig, t) for trig, t, r in zip(triggers, targets, before.triggers, strict=True)
               if r.error is None]
@@ -87,9 +87,9 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
     history: list[dict[str, Any]] = []
 
     def record(epoch: int, lr: float, loss: float) -> None:
-        probe = evaluate_triggers(classifier, split.heldout, [p for p, _ in usable], device=device,
-                                  batch_size=batch_size, targets=[t for _, t in usable],
-                                  gates=gates.scan, with_null=False)
+        probe = evaluate_triggers(classifier, split.heldout, [p for p, _ in usable],
+                                  ProbeOptions(gates.scan, targets=[t for _, t in usable], batch_size=batch_size,
+                                               with_null=False, probe="full"), device=device)
         classifier.train()  # evaluate_triggers leaves eval mode; the loop expects train mode
         ctx.set_train_modes()
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss, "clean_accuracy": probe.clean_accuracy,
@@ -108,8 +108,8 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
     if unlearn is not None and ctx.extras.get("unlearning_applied"):
         used["unlearning"] = unlearn.describe()
     classifier.eval()
-    after = evaluate_triggers(classifier, split.heldout, triggers, device=device, batch_size=batch_size,
-                              targets=targets, gates=gates.scan)
+    after = evaluate_triggers(classifier, split.heldout, triggers,
+                              ProbeOptions(gates.scan, targets=targets, batch_size=batch_size), device=device)
     return CleanOutcome(before, after, history, used, time.perf_counter() - started, classifier)
 
 
