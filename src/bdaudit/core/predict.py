@@ -102,6 +102,8 @@ def _pairs_from_sequentials(net: nn.Module) -> list[tuple[str, str]]:
 def fold_batchnorm(net: nn.Module) -> int:
     """Fold eval-mode BatchNorm into the preceding conv/linear of ``net`` in place (the BN becomes
     an identity); only where the conv's output feeds nothing else. Returns the number folded."""
+    if not any(type(m) in _FOLDABLE for m in net.modules()):
+        return 0  # nothing to fold: skip tracing (0.3-0.5 s on a ViT)
     pairs = _pairs_from_graph(net)
     if pairs is None:
         pairs = _pairs_from_sequentials(net)
