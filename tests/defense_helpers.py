@@ -20,7 +20,8 @@ def clean_badnets(method: str, model: PlantResult, clean_dir: Path, eval_dir: Pa
         settings.setdefault("min_steps", 0)
     report = api.clean(model.path, api.DataOptions(clean_dir, eval_dir), None, method=method,
                        settings=settings, triggers=("badnets",), gates=CleanGates(max_accuracy_drop=None),
-                       runtime=api.Runtime("cpu", 256, 0), unlearn_fraction=unlearn_fraction)
+                       runtime=api.Runtime("cpu", 256, 0), unlearn_fraction=unlearn_fraction,
+                       history="full")  # these tests count the defense's per-epoch reports
     section = report.sections["clean"]
     return {"asr_before": section["before"]["triggers"][0]["asr"],
             "asr_after": section["after"]["triggers"][0]["asr"],

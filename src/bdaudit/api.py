@@ -29,6 +29,7 @@ from bdaudit.triggers.base import model_triggers
 from bdaudit.workflows.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
 from bdaudit.workflows.clean import (
     CleanGates,
+    CleanOptions,
     clean_reasons,
     clean_section,
     run_defense,
@@ -141,14 +142,16 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
           sequela: SequelaOptions | None = None,
           unlearn_fraction: float = DEFAULT_UNLEARN_FRACTION, invert: bool = False,
-          detect: str = "auto") -> Report:
+          detect: str = "auto", history: str = "sparse") -> Report:
     """Remove a backdoor from a copy of the model; ``out`` (if given) receives the cleaned
     checkpoint, written atomically and never over the input. ``unlearn_fraction`` of each tuning
     batch carries a trigger the first scan flagged, with its true label (0: off). With ``invert``,
     Neural Cleanse first reverses a trigger per class and the outliers join the probed (and so the
     unlearned) triggers: for backdoors outside the library. ``detect`` (on by default) does the same
     with ``bdaudit.detect.unknown`` before cleaning, and again from scratch (a fresh seed) on the cleaned
-    model: the after-clean verdict does not rest only on the triggers that were unlearned."""
+    model: the after-clean verdict does not rest only on the triggers that were unlearned.
+    ``history``: ``sparse`` (default) probes the flagged triggers on a small fixed subset every few
+    epochs; ``full`` probes everything after every epoch (``workflows.clean.CleanOptions``)."""
     started = time.perf_counter()
     runtime = runtime or Runtime()
     gates = gates or CleanGates()
@@ -172,9 +175,9 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     if invert:
         inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
         chosen += inversion.flagged_triggers()
-    outcome = run_defense(defense, loaded, split, chosen, scope=scope, device=device, gen=gen,
-                          batch_size=runtime.batch_size, gates=gates, target=target,
-                          on_epoch=on_epoch, unlearn_fraction=unlearn_fraction)
+    options = CleanOptions(scope=scope, gates=gates, target=target, batch_size=runtime.batch_size,
+                           unlearn_fraction=unlearn_fraction, history=history)
+    outcome = run_defense(defense, loaded, split, chosen, options, device=device, gen=gen, on_epoch=on_epoch)
     sections = {"scan": scan_section(outcome.after), "clean": clean_section(defense, scope, outcome, out)}
     if inversion is not None:
         sections["inversion"] = inversion.to_dict()

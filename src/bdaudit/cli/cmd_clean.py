@@ -111,6 +111,11 @@ def clean(
                          "library; ~40 s per 10 classes on a small CPU model).", rich_help_panel=TUNE)
     ] = False,
     detect: Detect = "auto",
+    history: Annotated[str, typer.Option(
+        help="Per-epoch history in the report: sparse (clean accuracy and the flagged triggers on 200 "
+             "fixed held-out images every 5 epochs and at the end) or full (every trigger on every "
+             "held-out image after every epoch: slower, for research). Training is the same either way.",
+        rich_help_panel=TUNE)] = "sparse",
     set_: MethodSettings = None,
     config: ConfigFile = None,
     no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
@@ -198,6 +203,7 @@ def clean(
         triggers=v["trigger"] or (), triggers_file=v["triggers_file"], target=v["target"],
         gates=CleanGates(Gates(v["fail_asr"], v["null_margin"], v["family_asr"] or None), v["max_accuracy_drop"]),
         force=v["force"], unlearn_fraction=v["unlearn_fraction"], invert=v["invert"], detect=v["detect"],
+        history=v["history"],
         sequela=None if v["no_sequela"] else sequela_options(
             v["members"], v["reference"], v["max_mia_auc"], v["max_reinjection_asr"], v["reinjection_steps"]))
     if batch:

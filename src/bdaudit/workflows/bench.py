@@ -38,7 +38,7 @@ from bdaudit.sequela.mia import membership_inference
 from bdaudit.sequela.reinjection import reinjection_attack
 from bdaudit.triggers import Trigger, create_trigger, parse_trigger
 from bdaudit.triggers.base import model_triggers
-from bdaudit.workflows.clean import CleanGates, run_defense
+from bdaudit.workflows.clean import CleanOptions, run_defense
 from bdaudit.workflows.executors import Executor, LocalExecutor
 
 BENCH_VERSION = "1.0.0"
@@ -268,9 +268,10 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
     if options.pop("unlearn_source") == "inverted":
         unlearn_only = invert_seeded(loaded.classifier(), split.tune, device, plan.seed).flagged_triggers()
         triggers = [*triggers, *unlearn_only]
-    outcome = run_defense(defense, loaded, split, triggers, scope="full", device=device, gen=gen,
-                          batch_size=256, gates=CleanGates(), target=subject.target, track_history=False,
-                          unlearn_only=unlearn_only, **options)
+    # Every image probed: the bench's numbers are research measurements, not gate verdicts.
+    outcome = run_defense(defense, loaded, split, triggers,
+                          CleanOptions(target=subject.target, history="off", probe="full",
+                                       unlearn_only=unlearn_only, **options), device=device, gen=gen)
     seconds = time.perf_counter() - started
     before, after = outcome.before.triggers[0], outcome.after.triggers[0]
     row: dict[str, Any] = {
