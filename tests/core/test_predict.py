@@ -110,7 +110,7 @@ def test_batch_size_is_measured_once_per_model_and_device(monkeypatch) -> None:
     assert first.forwards == 400
     fixed = Predictor(net, CPU, batch_size=7).labels(_images(200), [None, lambda x: 1 - x])
     assert all(torch.equal(a, b) for a, b in zip(labels, fixed, strict=True))
-    assert Predictor(net, CPU)._next_size(_images(4)) == (chosen, False)
+    assert Predictor(net, CPU)._next_size(_images(4), 4) == (chosen, False)
 
 
 def test_logits_match_the_model() -> None:

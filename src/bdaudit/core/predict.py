@@ -158,7 +158,7 @@ class Predictor:
         self._trials: list[tuple[int, float]] = []  # (batch size, seconds per image) while measuring
         self.forwards = 0  # images passed through the model (one per image and transform)
 
-    def _next_size(self, images: torch.Tensor) -> tuple[int, bool]:
+    def _next_size(self, images: torch.Tensor, remaining: int) -> tuple[int, bool]:
         """The next batch size and whether to time it."""
         if self.batch_size is not None:
             return self.batch_size, False
@@ -168,11 +168,13 @@ class Predictor:
         cap = max(16, ACTIVATION_BUDGET // max(1, images[0].numel()))
         ladder = [min(b, cap) for b in BATCH_LADDER]
         step = len(self._trials)
-        if step < len(ladder):
+        if step < len(ladder) and ladder[step] <= remaining:
             return ladder[step], True
-        best = min(self._trials[1:], key=lambda t: t[1])[0]
-        _MEASURED[key] = best
-        return best, False
+        if step >= 2:  # a warm-up and at least one timed size: keep the fastest per image
+            best = min(self._trials[1:], key=lambda t: t[1])[0]
+            _MEASURED[key] = best
+            return best, False
+        return min(ladder[min(step, len(ladder) - 1)], remaining), False  # too few images to measure
 
     def labels(self, images: torch.Tensor, transforms: Sequence[Transform | None] = (None,),
                advance: Callable[[int], None] | None = None) -> list[torch.Tensor]:
@@ -191,7 +193,7 @@ class Predictor:
         outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
         start = 0
         while start < len(images):
-            size, timed = self._next_size(images)
+            size, timed = self._next_size(images, len(images) - start)
             if timed:
                 _sync(self.device)
                 began = time.perf_counter()
@@ -206,8 +208,7 @@ class Predictor:
             self.forwards += n * len(transforms)
             if timed:
                 _sync(self.device)
-                if n == size:  # a short last batch says nothing about the throughput of ``size``
-                    self._trials.append((size, (time.perf_counter() - began) / n))
+                self._trials.append((size, (time.perf_counter() - began) / n))
             start += n
             if advance is not None:
                 advance(n)
