@@ -110,7 +110,8 @@ def test_scan_probes_and_flags_the_carried_trigger(input_aware_model: PlantResul
     assert {t.name for t in default_triggers()} <= set(rows)
     found = rows["input_aware"]
     assert found["flagged"] and found["target"] == 0
-    assert found["asr"] == pytest.approx(input_aware_model.metrics["asr"], abs=1e-6)
+    # Probed sequentially (on the images its verdict needed): the full-set ASR lies in its interval.
+    assert found["asr_ci95"][0] <= input_aware_model.metrics["asr"] <= found["asr_ci95"][1]
     assert not report.passed
 
 
