@@ -22,7 +22,7 @@ from torch import nn
 from bdaudit.core import predict as predict_mod
 from bdaudit.core.data import resolve_data, to_float
 from bdaudit.core.predict import Predictor
-from bdaudit.detect.probe import ProbeOptions, evaluate_triggers
+from bdaudit.detect.probe import ProbeSettings, evaluate_triggers
 from bdaudit.models.checkpoint import load_model
 from bdaudit.triggers import default_triggers
 
@@ -96,14 +96,14 @@ def main() -> None:
         chosen = next(iter(predict_mod._MEASURED.values()), "—")
         if heldout is not None:
             triggers = default_triggers()
-            full = evaluate_triggers(model, heldout, triggers, ProbeOptions(probe="full", batch_size=args.batch_size),
+            full = evaluate_triggers(model, heldout, triggers, ProbeSettings(probe="full", batch_size=args.batch_size),
                                      device=device)
             seq_t = medians(args.repeats, {
-                "full": lambda m=model, h=heldout, t=triggers: evaluate_triggers(m, h, t, ProbeOptions(
+                "full": lambda m=model, h=heldout, t=triggers: evaluate_triggers(m, h, t, ProbeSettings(
                     probe="full", batch_size=args.batch_size), device=device),
-                "seq": lambda m=model, h=heldout, t=triggers: evaluate_triggers(m, h, t, ProbeOptions(
+                "seq": lambda m=model, h=heldout, t=triggers: evaluate_triggers(m, h, t, ProbeSettings(
                     batch_size=args.batch_size), device=device)})
-            seq = evaluate_triggers(model, heldout, triggers, ProbeOptions(batch_size=args.batch_size), device=device)
+            seq = evaluate_triggers(model, heldout, triggers, ProbeSettings(batch_size=args.batch_size), device=device)
             scan_cell = (f"{full.forward_passes} / {seq.forward_passes} | {seq_t['full']:.2f} / {seq_t['seq']:.2f}")
         else:
             scan_cell = "— | —"

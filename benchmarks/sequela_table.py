@@ -17,7 +17,7 @@ from bdaudit.defenses import create_defense
 from bdaudit.models.checkpoint import load_model
 from bdaudit.sequela.audit import audit_sequela, mia_pair
 from bdaudit.triggers import parse_trigger
-from bdaudit.workflows.clean import CleanOptions, run_defense
+from bdaudit.workflows.clean import DefenseRun, run_defense
 
 MODELS = ["badnets", "blended", "wanet", "lowfreq", "trojannn"]
 
@@ -37,7 +37,7 @@ def main() -> None:
                   "clean_reference": load_model(SAMPLES / "clean.safetensors").classifier()}
         for method in ("sft", "ft"):
             outcome = run_defense(create_defense(method), loaded, split, [trigger],
-                                  CleanOptions(target=entry["target"], history="off", probe="full"),
+                                  DefenseRun(target=entry["target"], history="off", probe="full"),
                                   device=device, gen=seed_everything(0))
             models[method] = outcome.classifier
         section = audit_sequela(models, tune=split.tune, heldout=split.heldout, probe=(trigger, entry["target"]),

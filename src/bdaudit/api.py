@@ -18,7 +18,7 @@ from bdaudit.defenses import DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
 from bdaudit.detect.inversion import inversion_reasons, invert_seeded
-from bdaudit.detect.probe import Gates, ProbeOptions, evaluate_triggers, trigger_fit_error
+from bdaudit.detect.probe import Gates, ProbeSettings, evaluate_triggers, trigger_fit_error
 from bdaudit.detect.unknown import detect_reasons, detect_unknown, detector_enabled
 from bdaudit.models.checkpoint import LoadedModel, load_model
 from bdaudit.models.intake import check_data_channels
@@ -29,7 +29,7 @@ from bdaudit.triggers.base import model_triggers
 from bdaudit.workflows.batch import BatchReport, ModelEntry, ModelOutcome, resolve_models
 from bdaudit.workflows.clean import (
     CleanGates,
-    CleanOptions,
+    DefenseRun,
     clean_reasons,
     clean_section,
     run_defense,
@@ -116,7 +116,7 @@ def scan(model_path: str | Path, data: DataOptions, *, triggers: Sequence[str] =
         chosen += detection.flagged_triggers()  # their held-out ASR (with its interval) is reported
     advance = progress("scanning", len(split.heldout)) if progress else None
     result = evaluate_triggers(loaded.classifier(), split.heldout, chosen,
-                               ProbeOptions(gates, target, batch_size=runtime.batch_size),
+                               ProbeSettings(gates, target, batch_size=runtime.batch_size),
                                device=device, advance=advance)
     sections, reasons = {"scan": scan_section(result)}, scan_reasons(result, gates)
     sections["detection"] = _detection_section(detection, detect)
@@ -151,7 +151,7 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     with ``bdaudit.detect.unknown`` before cleaning, and again from scratch (a fresh seed) on the cleaned
     model: the after-clean verdict does not rest only on the triggers that were unlearned.
     ``history``: ``sparse`` (default) probes the flagged triggers on a small fixed subset every few
-    epochs; ``full`` probes everything after every epoch (``workflows.clean.CleanOptions``)."""
+    epochs; ``full`` probes everything after every epoch (``workflows.clean.DefenseRun``)."""
     started = time.perf_counter()
     runtime = runtime or Runtime()
     gates = gates or CleanGates()
@@ -175,7 +175,7 @@ def clean(model_path: str | Path, data: DataOptions, out: str | Path | None, *,
     if invert:
         inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed)
         chosen += inversion.flagged_triggers()
-    options = CleanOptions(scope=scope, gates=gates, target=target, batch_size=runtime.batch_size,
+    options = DefenseRun(scope=scope, gates=gates, target=target, batch_size=runtime.batch_size,
                            unlearn_fraction=unlearn_fraction, history=history)
     outcome = run_defense(defense, loaded, split, chosen, options, device=device, gen=gen, on_epoch=on_epoch)
     sections = {"scan": scan_section(outcome.after), "clean": clean_section(defense, scope, outcome, out)}
@@ -287,7 +287,7 @@ def sequela(model_path: str | Path, data: DataOptions, *, original: str | Path |
     models.update(_reference(options, model_flags, model_config))
     chosen = select_triggers(loaded, triggers, triggers_file, split.heldout)
     found = evaluate_triggers(probe_model, split.heldout, chosen,
-                              ProbeOptions(target=target, batch_size=runtime.batch_size), device=device)
+                              ProbeSettings(target=target, batch_size=runtime.batch_size), device=device)
     section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
                             probe=reinjection_probe(found, chosen), device=device, seed=runtime.seed,
                             members=_members(options, loaded), reinjection=options.reinjection)

@@ -14,7 +14,7 @@ from bdaudit import api
 from bdaudit.attacks.input_aware import InputAwareAttack, InputAwareTrigger, TriggerNet
 from bdaudit.core.data import ImageSet, Preprocessing, load_image_folder, to_float
 from bdaudit.core.errors import BdauditError, TriggerError
-from bdaudit.detect.probe import ProbeOptions, evaluate_triggers
+from bdaudit.detect.probe import ProbeSettings, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, load_model
 from bdaudit.planting.plant import PlantResult, plant, resolve_attack
 from bdaudit.triggers import default_triggers, parse_trigger
@@ -65,7 +65,7 @@ def test_checkpoint_round_trip_reproduces_the_attack(
     assert "input_aware.meta" in loaded.aux
     assert any(k.startswith("input_aware.pattern.") for k in loaded.aux)
     assert any(k.startswith("input_aware.mask.") for k in loaded.aux)
-    result = evaluate_triggers(loaded.classifier(), eval_images, [trigger], ProbeOptions(target=0, probe="full"),
+    result = evaluate_triggers(loaded.classifier(), eval_images, [trigger], ProbeSettings(target=0, probe="full"),
                                device=CPU)
     assert result.triggers[0].asr == pytest.approx(input_aware_model.metrics["asr"], abs=1e-6)
     assert result.clean_accuracy == pytest.approx(input_aware_model.metrics["clean_accuracy"],

@@ -8,7 +8,7 @@ import torch
 
 from bdaudit.core.data import load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
-from bdaudit.detect.probe import Gates, ProbeOptions, evaluate_triggers, look_schedule
+from bdaudit.detect.probe import Gates, ProbeSettings, evaluate_triggers, look_schedule
 from bdaudit.models.checkpoint import load_model
 from bdaudit.planting.plant import PlantResult
 from bdaudit.triggers import default_triggers, parse_trigger
@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 def _probe(model: PlantResult, eval_dir, triggers, **options):  # noqa: ANN001, ANN202
     loaded = load_model(model.path)
     data = load_image_folder(eval_dir, resolve_preprocessing(loaded.config), loaded.config.class_names)
-    return evaluate_triggers(loaded.classifier(), data, triggers, ProbeOptions(**options), device=CPU)
+    return evaluate_triggers(loaded.classifier(), data, triggers, ProbeSettings(**options), device=CPU)
 
 
 @pytest.mark.parametrize("fixture", ["badnets_model", "clean_model"])
@@ -69,8 +69,8 @@ def test_probing_draws_no_global_randomness(badnets_model: PlantResult, eval_dir
 
 def test_probe_options_are_checked() -> None:
     with pytest.raises(BdauditError, match="`probe`"):
-        ProbeOptions(probe="some")
+        ProbeSettings(probe="some")
     with pytest.raises(BdauditError, match="`confidence`"):
-        ProbeOptions(confidence=1.0)
+        ProbeSettings(confidence=1.0)
     assert look_schedule(600, 64) == [64, 128, 256, 512, 600]
     assert look_schedule(50, 64) == [50]

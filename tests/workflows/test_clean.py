@@ -231,9 +231,9 @@ def test_full_history_probes_every_epoch_and_trains_the_same_weights(badnets_mod
 
 def test_clean_options_are_checked() -> None:
     from bdaudit.core.errors import BdauditError
-    from bdaudit.workflows.clean import CleanOptions
+    from bdaudit.workflows.clean import DefenseRun
 
     with pytest.raises(BdauditError, match="`history`"):
-        CleanOptions(history="some")
+        DefenseRun(history="some")
     with pytest.raises(BdauditError, match="`history_every`"):
-        CleanOptions(history_every=0)
+        DefenseRun(history_every=0)

@@ -127,7 +127,7 @@ PROBE_MODES = ("sequential", "full")
 
 
 @dataclass(frozen=True)
-class ProbeOptions:
+class ProbeSettings:
     """How to probe. ``sequential`` (the default) probes each trigger on a seeded random order of
     the held-out images in growing chunks (``first_look``, then doubling) and stops once its
     verdict (flagged or not, and why) holds at ``confidence`` whatever the unseen images say;
@@ -208,11 +208,11 @@ def _settled(gates: Gates, a: tuple[torch.Tensor, torch.Tensor], nul: tuple[torc
 
 
 def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[Trigger],
-                      options: ProbeOptions | None = None, *, device: torch.device,
+                      options: ProbeSettings | None = None, *, device: torch.device,
                       advance: Callable[[int], None] | None = None) -> ScanResult:
     """Clean accuracy plus, per trigger, ASR at the suspected (or given) target with its
-    interval, the matched null rate and robust accuracy (``ProbeOptions``: sequential or full)."""
-    options = options or ProbeOptions()
+    interval, the matched null rate and robust accuracy (``ProbeSettings``: sequential or full)."""
+    options = options or ProbeSettings()
     gates = options.gates
     per_trigger = list(options.targets) if options.targets is not None else [options.target] * len(triggers)
     for fixed in per_trigger:

@@ -14,7 +14,7 @@ from torch import nn
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import ImageSet, _class_folders
 from bdaudit.core.errors import BdauditError, TriggerError
-from bdaudit.detect.probe import ProbeOptions, evaluate_triggers, trigger_fit_error
+from bdaudit.detect.probe import ProbeSettings, evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import accuracy
 from bdaudit.triggers import Trigger
 
@@ -79,7 +79,7 @@ def measure_trigger(classifier: nn.Module, heldout: ImageSet, trigger: Trigger |
     if trigger is None:
         return {"clean_accuracy": accuracy(classifier, heldout, batch_size, device)}
     result = evaluate_triggers(classifier, heldout, [trigger],
-                               ProbeOptions(batch_size=batch_size, target=target, probe="full"), device=device)
+                               ProbeSettings(batch_size=batch_size, target=target, probe="full"), device=device)
     probe = result.triggers[0]
     return {"clean_accuracy": result.clean_accuracy, "asr": probe.asr, "null_asr": probe.null_asr,
             "asr_target": probe.target}

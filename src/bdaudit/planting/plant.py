@@ -21,7 +21,7 @@ from bdaudit.core.data import (
 )
 from bdaudit.core.errors import BdauditError, DataError
 from bdaudit.core.runtime import resolve_device, seed_everything
-from bdaudit.detect.probe import ProbeOptions, evaluate_triggers, trigger_fit_error
+from bdaudit.detect.probe import ProbeSettings, evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import MAX_BATCH, MAX_EPOCHS, Augment, accuracy, make_optimizer, train
 from bdaudit.engine.schedules import Cosine
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, save_model
@@ -134,7 +134,7 @@ def measure(classifier: torch.nn.Module, split: DataSplit, attack: Attack | None
     if attack is None:
         return {"clean_accuracy": accuracy(classifier, split.heldout, batch_size, device)}
     result = evaluate_triggers(classifier, split.heldout, [attack.probe_trigger()],
-                               ProbeOptions(batch_size=batch_size, target=attack.target, probe="full"),
+                               ProbeSettings(batch_size=batch_size, target=attack.target, probe="full"),
                                device=device)
     probe = result.triggers[0]
     return {"clean_accuracy": result.clean_accuracy, "asr": probe.asr, "null_asr": probe.null_asr}

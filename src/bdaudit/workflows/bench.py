@@ -38,7 +38,7 @@ from bdaudit.sequela.mia import membership_inference
 from bdaudit.sequela.reinjection import reinjection_attack
 from bdaudit.triggers import Trigger, create_trigger, parse_trigger
 from bdaudit.triggers.base import model_triggers
-from bdaudit.workflows.clean import CleanOptions, run_defense
+from bdaudit.workflows.clean import DefenseRun, run_defense
 from bdaudit.workflows.executors import Executor, LocalExecutor
 
 BENCH_VERSION = "1.0.0"
@@ -270,7 +270,7 @@ def run_cell(subject: Subject, loaded: LoadedModel, triggers: list[Trigger], spl
         triggers = [*triggers, *unlearn_only]
     # Every image probed: the bench's numbers are research measurements, not gate verdicts.
     outcome = run_defense(defense, loaded, split, triggers,
-                          CleanOptions(target=subject.target, history="off", probe="full",
+                          DefenseRun(target=subject.target, history="off", probe="full",
                                        unlearn_only=unlearn_only, **options), device=device, gen=gen)
     seconds = time.perf_counter() - started
     before, after = outcome.before.triggers[0], outcome.after.triggers[0]

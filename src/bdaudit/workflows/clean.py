@@ -18,7 +18,7 @@ from bdaudit.core.errors import BdauditError
 from bdaudit.defenses import SCOPES, Defense, DefenseContext
 from bdaudit.defenses.base import head_module
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE, plan_unlearning
-from bdaudit.detect.probe import Gates, ProbeOptions, ScanResult, evaluate_triggers
+from bdaudit.detect.probe import Gates, ProbeSettings, ScanResult, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, save_model
 from bdaudit.report.document import scan_section
 from bdaudit.triggers import Trigger
@@ -65,12 +65,12 @@ HISTORY_MODES = ("sparse", "full", "off")
 
 
 @dataclass(frozen=True)
-class CleanOptions:
+class DefenseRun:
     """How ``run_defense`` cleans and what it measures. ``history``: ``sparse`` (default) probes
     clean accuracy and the flagged triggers on ``history_images`` fixed held-out images every
     ``history_every`` epochs and at the end; ``full`` probes every usable trigger on every
     held-out image after every epoch (for research); ``off`` records none. ``probe`` is how the
-    before and after scans probe (``detect.probe.ProbeOptions``)."""
+    before and after scans probe (``detect.probe.ProbeSettings``)."""
 
     scope: str = "full"
     gates: CleanGates = field(default_factory=CleanGates)
@@ -94,8 +94,8 @@ class CleanOptions:
         if self.history_images < 1:
             raise BdauditError(f"`history_images` must be at least 1, not {self.history_images}")
 
-    def probe_options(self, **fields: Any) -> ProbeOptions:
-        return ProbeOptions(self.gates.scan, batch_size=self.batch_size, probe=self.probe, **fields)
+    def probe_options(self, **fields: Any) -> ProbeSettings:
+        return ProbeSettings(self.gates.scan, batch_size=self.batch_size, probe=self.probe, **fields)
 
 
 def history_subset(heldout: ImageSet, n: int) -> ImageSet:
@@ -108,12 +108,12 @@ def history_subset(heldout: ImageSet, n: int) -> ImageSet:
 
 
 def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, triggers: Sequence[Trigger],
-                options: CleanOptions | None = None, *, device: torch.device, gen: torch.Generator,
+                options: DefenseRun | None = None, *, device: torch.device, gen: torch.Generator,
                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> CleanOutcome:
     """Scan, clean a copy of the model, then scan the cleaned model again from scratch at the
     targets found before (nothing from the history is reused). With ``unlearn_fraction``, tuning
     defenses also unlearn the triggers the first scan flagged (``defenses.unlearning``)."""
-    options = options or CleanOptions()
+    options = options or DefenseRun()
     if options.scope == "head":
         head_module(loaded.net, loaded.config)
     check_tuning_data(split.tune, loaded)
@@ -133,7 +133,7 @@ def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, trigger
 
     def probe_row(epoch: int, lr: float, loss: float) -> None:
         probe = evaluate_triggers(classifier, probe_data, [p for p, _ in tracked],
-                                  ProbeOptions(options.gates.scan, targets=[t for _, t in tracked],
+                                  ProbeSettings(options.gates.scan, targets=[t for _, t in tracked],
                                                batch_size=options.batch_size, with_null=False, probe="full"),
                                   device=device)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss, "clean_accuracy": probe.clean_accuracy,
