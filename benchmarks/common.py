@@ -14,7 +14,7 @@ from bdaudit.api import DataOptions, Runtime, open_model_and_data
 from bdaudit.core.runtime import resolve_device, seed_everything
 from bdaudit.defenses import create_defense
 from bdaudit.triggers import parse_trigger
-from bdaudit.workflows.clean import CleanGates, run_defense
+from bdaudit.workflows.clean import DefenseRun, run_defense
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
@@ -37,8 +37,8 @@ def clean_once(model: str, method: str, settings: dict[str, Any], trigger: str, 
                                         runtime)
     started = time.perf_counter()
     outcome = run_defense(create_defense(method, settings), loaded, split, [parse_trigger(trigger)],
-                          scope="full", device=resolve_device("cpu"), gen=seed_everything(seed),
-                          batch_size=256, gates=CleanGates(), target=target, track_history=False)
+                          DefenseRun(target=target, history="off", probe="full"),
+                          device=resolve_device("cpu"), gen=seed_everything(seed))
     used = outcome.used
     return {
         "model": model, "method": method, "settings": settings, "clean_images": len(split.tune),

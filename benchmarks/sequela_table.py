@@ -17,7 +17,7 @@ from bdaudit.defenses import create_defense
 from bdaudit.models.checkpoint import load_model
 from bdaudit.sequela.audit import audit_sequela, mia_pair
 from bdaudit.triggers import parse_trigger
-from bdaudit.workflows.clean import CleanGates, run_defense
+from bdaudit.workflows.clean import DefenseRun, run_defense
 
 MODELS = ["badnets", "blended", "wanet", "lowfreq", "trojannn"]
 
@@ -36,9 +36,9 @@ def main() -> None:
         models = {"original": loaded.classifier(),
                   "clean_reference": load_model(SAMPLES / "clean.safetensors").classifier()}
         for method in ("sft", "ft"):
-            outcome = run_defense(create_defense(method), loaded, split, [trigger], scope="full", device=device,
-                                  gen=seed_everything(0), batch_size=256, gates=CleanGates(),
-                                  target=entry["target"], track_history=False)
+            outcome = run_defense(create_defense(method), loaded, split, [trigger],
+                                  DefenseRun(target=entry["target"], history="off", probe="full"),
+                                  device=device, gen=seed_everything(0))
             models[method] = outcome.classifier
         section = audit_sequela(models, tune=split.tune, heldout=split.heldout, probe=(trigger, entry["target"]),
                                 device=device)

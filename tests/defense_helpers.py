@@ -19,7 +19,8 @@ def clean_badnets(method: str, model: PlantResult, clean_dir: Path, eval_dir: Pa
     if "min_steps" in DEFENSES[method].settings_cls.__dataclass_fields__:
         settings.setdefault("min_steps", 0)
     report = api.clean(model.path, api.DataOptions(clean_dir, eval_dir),
-                       api.CleanOptions(method, settings, unlearn_fraction=unlearn_fraction),
+                       api.CleanOptions(method, settings, unlearn_fraction=unlearn_fraction,
+                                        history="full"),  # these tests count the defense's per-epoch reports
                        api.ProbeOptions(triggers=("badnets",)), gates=CleanGates(max_accuracy_drop=None),
                        runtime=api.Runtime("cpu", 256, 0))
     section = report.sections["clean"]

@@ -16,7 +16,7 @@ from bdaudit.core.runtime import environment_info, resolve_device, resolve_devic
 from bdaudit.defenses import DEFENSES, DefenseContext, create_defense
 from bdaudit.defenses.sft import SuperFineTuning, build_schedule, choose_peak1
 from bdaudit.defenses.unlearning import check_unlearn_fraction
-from bdaudit.detect.probe import Gates, evaluate_triggers
+from bdaudit.detect.probe import Gates, ProbeSettings, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel
 from bdaudit.planting.plant import PlantResult
 from bdaudit.report.document import Report, model_section
@@ -35,6 +35,7 @@ from bdaudit.workflows.bench import (
 )
 from bdaudit.workflows.clean import (
     CleanGates,
+    DefenseRun,
     run_defense,
     save_cleaned,
 )
@@ -128,9 +129,9 @@ def clean(model: ModelLike, data: DataOptions, options: CleanOptions | None = No
     inversion = None
     if probe.invert:
         inversion, chosen = add_inverted(loaded.classifier(), split, device, runtime.seed, chosen)
-    outcome = run_defense(defense, loaded, split, chosen, scope=options.scope, device=device, gen=gen,
-                          batch_size=runtime.batch_size, gates=gates, target=probe.target,
-                          on_epoch=on_epoch, unlearn_fraction=options.unlearn_fraction)
+    run = DefenseRun(scope=options.scope, gates=gates, target=probe.target, batch_size=runtime.batch_size,
+                     unlearn_fraction=options.unlearn_fraction, history=options.history)
+    outcome = run_defense(defense, loaded, split, chosen, run, device=device, gen=gen, on_epoch=on_epoch)
     # Independent check: a fresh seed and a fresh inversion on the cleaned model, so the verdict
     # does not rest on re-measuring the very triggers that were unlearned.
     verification = None if detection is None else \
@@ -201,8 +202,8 @@ def sequela(model: ModelLike, data: DataOptions, *, original: str | Path | None 
         models["original"] = probe_model = model.load(original).classifier()
     models.update(_reference(options, model))
     chosen = select_triggers(loaded, probe.triggers, probe.triggers_file, split.heldout)
-    found = evaluate_triggers(probe_model, split.heldout, chosen, device=device,
-                              batch_size=runtime.batch_size, target=probe.target)
+    found = evaluate_triggers(probe_model, split.heldout, chosen,
+                              ProbeSettings(target=probe.target, batch_size=runtime.batch_size), device=device)
     section = audit_sequela(models, tune=split.tune, heldout=split.heldout,
                             probe=reinjection_probe(found, chosen), device=device, seed=runtime.seed,
                             members=_members(options, loaded), reinjection=options.reinjection)

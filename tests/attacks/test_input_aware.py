@@ -14,7 +14,7 @@ from bdaudit import api
 from bdaudit.attacks.input_aware import InputAwareAttack, InputAwareTrigger, TriggerNet
 from bdaudit.core.data import ImageSet, Preprocessing, load_image_folder, to_float
 from bdaudit.core.errors import BdauditError, TriggerError
-from bdaudit.detect.probe import evaluate_triggers
+from bdaudit.detect.probe import ProbeSettings, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, load_model
 from bdaudit.planting.common import PlantRun
 from bdaudit.planting.plant import AttackChoice, PlantResult, plant, resolve_attack
@@ -66,7 +66,8 @@ def test_checkpoint_round_trip_reproduces_the_attack(
     assert "input_aware.meta" in loaded.aux
     assert any(k.startswith("input_aware.pattern.") for k in loaded.aux)
     assert any(k.startswith("input_aware.mask.") for k in loaded.aux)
-    result = evaluate_triggers(loaded.classifier(), eval_images, [trigger], device=CPU, target=0)
+    result = evaluate_triggers(loaded.classifier(), eval_images, [trigger], ProbeSettings(target=0, probe="full"),
+                               device=CPU)
     assert result.triggers[0].asr == pytest.approx(input_aware_model.metrics["asr"], abs=1e-6)
     assert result.clean_accuracy == pytest.approx(input_aware_model.metrics["clean_accuracy"],
                                                   abs=1e-6)
@@ -110,7 +111,8 @@ def test_scan_probes_and_flags_the_carried_trigger(input_aware_model: PlantResul
     assert {t.name for t in default_triggers()} <= set(rows)
     found = rows["input_aware"]
     assert found["flagged"] and found["target"] == 0
-    assert found["asr"] == pytest.approx(input_aware_model.metrics["asr"], abs=1e-6)
+    # Probed sequentially (on the images its verdict needed): the full-set ASR lies in its interval.
+    assert found["asr_ci95"][0] <= input_aware_model.metrics["asr"] <= found["asr_ci95"][1]
     assert not report.passed
 
 

@@ -115,7 +115,7 @@ def test_triggers_command_lists_the_library() -> None:
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--trigger", "nosuch"], "unknown trigger 'nosuch'"),
     (["--trigger", "badnets:size=big"], "size='big' is not a int"),
-    (["--target", "12"], "--target 12 is not a class index"),
+    (["--target", "12"], "12 is not a class index"),
     (["--device", "tpu"], "--device must be one of"),
     (["--fail-asr", "0"], "--fail-asr must be in"),
     (["--family-asr", "1.5"], "--family-asr must be in"),

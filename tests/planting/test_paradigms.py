@@ -12,7 +12,7 @@ import torch
 
 from bdaudit.core.data import resolve_data
 from bdaudit.core.errors import BdauditError, TriggerError
-from bdaudit.detect.probe import evaluate_triggers
+from bdaudit.detect.probe import ProbeSettings, evaluate_triggers
 from bdaudit.models.checkpoint import file_sha256, load_model, save_model
 from bdaudit.planting import EncoderBackdoor, EncoderSettings, PlantRun, plant_encoder, plant_transfer
 from bdaudit.planting.plant import PlantResult, TrainSettings
@@ -139,7 +139,7 @@ def test_encoder_checkpoint_is_an_ordinary_classifier(
     # The folded linear head and the saved weights reproduce the in-memory measurement exactly.
     split = resolve_data(train_dir, loaded.config)  # the same seeded held-out split
     again = evaluate_triggers(loaded.classifier(), split.heldout, [parse_trigger(TRIGGER)],
-                              device=torch.device("cpu"), target=0)
+                              ProbeSettings(target=0, probe="full"), device=torch.device("cpu"))
     assert again.clean_accuracy == backdoored.metrics["clean_accuracy"]
     assert again.triggers[0].asr == backdoored.metrics["asr"]
     # config.head is the encoder/head boundary: logits are fc(embedding).

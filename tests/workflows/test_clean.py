@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import assert_usage_error, invoke, read_report
 
@@ -43,7 +44,10 @@ def test_sft_removes_the_backdoor_and_keeps_accuracy(sft_run: tuple) -> None:
     assert clean["accuracy_drop"] <= 0.05
     assert result.exit_code == 0, result.output
     assert report["verdict"]["status"] == "pass"
-    assert len(clean["history"]) == 10 and {"lr", "loss", "clean_accuracy", "asr"} <= set(clean["history"][0])
+    # The default (sparse) history: every 5 epochs and the last, on 200 fixed held-out images.
+    assert [row["epoch"] for row in clean["history"]] == [5, 10]
+    assert {"lr", "loss", "clean_accuracy", "asr"} <= set(clean["history"][0])
+    assert clean["history"][0]["n_images"] == 200 and list(clean["history"][0]["asr"]) == ["badnets"]
     schedule = clean["hyperparameters"]["schedule"]
     assert schedule["lr_peak1"] > schedule["lr_peak2"] > schedule["lr_base"] > 0
     assert clean["hyperparameters"]["peak_selection"]["source"] in ("lr range test", "given") or \
@@ -111,7 +115,7 @@ def test_config_file_fills_flags_and_explicit_flags_win(badnets_model: PlantResu
 
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--method", "magic"], "unknown method 'magic'"),
-    (["--scope", "middle"], "--scope must be one of"),
+    (["--scope", "middle"], "must be one of full, head"),
     (["--method", "sft", "--lr-peak1", "50"], "--lr-peak1 must be in (0, 10]"),
     (["--method", "sft", "--phase1-fraction", "1.5"], "--phase1-fraction must be in (0, 1)"),
     (["--lr-peak1", "0.1"], "method ftsam has no setting(s) lr_peak1"),  # the default is FT-SAM
@@ -175,7 +179,7 @@ def test_methods_lists_every_defense_with_its_settings() -> None:
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [
-    (["--method", "fp", "--set", "prune_ratio_max=2"], "`prune_ratio_max` must be in"),  # a --set key keeps its own name
+    (["--method", "fp", "--set", "prune_ratio_max=2"], "`prune_ratio_max` must be in"),  # a --set key: its own name
     (["--method", "fp", "--set", "no_such=1"], "method fp has no setting(s) no_such"),
     (["--method", "fp", "--set", "oops"], "--set takes KEY=VALUE"),
     (["--method", "nosuch"], "unknown method 'nosuch'"),
@@ -196,3 +200,41 @@ def test_default_method_is_the_bench_winner(badnets_model: PlantResult, clean_di
     assert report["clean"]["hyperparameters"]["unlearning"] == {"triggers": ["badnets"], "fraction": 0.3,
                                                                  "family_share": 0.5}
     assert report["clean"]["after"]["triggers"][0]["asr"] < 0.3 and result.exit_code == 0, result.output
+
+
+def test_full_history_probes_every_epoch_and_trains_the_same_weights(badnets_model: PlantResult, clean_dir: Path,
+                                                                     eval_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from bdaudit import api
+
+    runs = {}
+    for history in ("sparse", "full"):
+        out = tmp_path / f"{history}.safetensors"
+        report = api.clean(badnets_model.path, api.DataOptions(clean_dir, eval_dir),
+                           api.CleanOptions(settings={"epochs": 6, "min_steps": 0}, history=history),
+                           api.ProbeOptions(triggers=("badnets", "blended"), detect="off"),
+                           output=api.OutputOptions(out), runtime=api.Runtime("cpu", 256, 0))
+        runs[history] = (report.sections["clean"], load_file(out))
+    sparse, full = runs["sparse"][0], runs["full"][0]
+    assert [r["epoch"] for r in full["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in sparse["history"]] == [5, 6]
+    assert full["history"][0]["n_images"] == 600 and sparse["history"][0]["n_images"] == 200
+    assert set(full["history"][0]["asr"]) == {"badnets", "blended"}  # every trigger
+    assert set(sparse["history"][0]["asr"]) == {t["spec"] for t in sparse["before"]["triggers"] if t["flagged"]}
+    assert sparse["hyperparameters"]["history"]["mode"] == "sparse"
+    weights_sparse, weights_full = runs["sparse"][1], runs["full"][1]
+    assert weights_sparse.keys() == weights_full.keys()
+    assert all(torch.equal(weights_sparse[k], weights_full[k]) for k in weights_sparse)
+    # The last rows describe the same final model, probed on different images.
+    assert full["history"][-1]["loss"] == sparse["history"][-1]["loss"]
+
+
+def test_clean_options_are_checked() -> None:
+    from bdaudit.core.errors import BdauditError
+    from bdaudit.workflows.clean import DefenseRun
+
+    with pytest.raises(BdauditError, match="`history`"):
+        DefenseRun(history="some")
+    with pytest.raises(BdauditError, match="`history_every`"):
+        DefenseRun(history_every=0)

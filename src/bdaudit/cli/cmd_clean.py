@@ -98,6 +98,11 @@ def clean(
                          "library; ~40 s per 10 classes on a small CPU model).", rich_help_panel=TUNE)
     ] = False,
     detect: Detect = "auto",
+    history: Annotated[str, typer.Option(
+        help="Per-epoch history in the report: sparse (clean accuracy and the flagged triggers on 200 "
+             "fixed held-out images every 5 epochs and at the end) or full (every trigger on every "
+             "held-out image after every epoch: slower, for research). Training is the same either way.",
+        rich_help_panel=TUNE)] = "sparse",
     set_: MethodSettings = None,
     config: ConfigFile = None,
     no_sequela: Annotated[bool, typer.Option("--no-sequela", help="Skip the sequela audit.")] = False,
@@ -146,7 +151,7 @@ def clean(
     from bdaudit.report.render import epoch_progress, render_schedule
 
     options = api.CleanOptions(method, {**parse_settings(set_), **tune_flags.settings()}, scope, unlearn_fraction,
-                               None if no_sequela else sequela_flags.options())
+                               None if no_sequela else sequela_flags.options(), history)
     runtime = api.Runtime(device, 256, seed)
     data_options = api.DataOptions(data, eval_data, holdout)
     if show_schedule:

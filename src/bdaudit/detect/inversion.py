@@ -57,6 +57,7 @@ from torch import nn
 
 from bdaudit.core.data import ImageSet, to_float
 from bdaudit.core.errors import BdauditError
+from bdaudit.core.predict import predict
 from bdaudit.triggers.base import Trigger, seeded_pattern
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's sigma
@@ -310,7 +311,6 @@ def _invert_group(classifier: nn.Module, images: torch.Tensor, labels: torch.Ten
     return best_mask, best_pattern, list(schedule.cost)
 
 
-@torch.no_grad()
 def trigger_success(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                     pattern: torch.Tensor, target: int, device: torch.device, batch_size: int = 256) -> float:
     """Fraction of the images not of ``target`` that the stamped trigger sends to ``target``."""
@@ -319,11 +319,8 @@ def trigger_success(classifier: nn.Module, images: torch.Tensor, labels: torch.T
     if len(images) == 0:
         return float("nan")
     trigger = InvertedTrigger(mask=mask, pattern=pattern)
-    hits = 0
-    for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size], device)
-        hits += int((classifier(trigger.apply(x)).argmax(1) == target).sum())
-    return hits / len(images)
+    preds = predict(classifier, images, device, batch_size, trigger.apply)
+    return int((preds == target).sum()) / len(images)
 
 
 def invert_seeded(classifier: nn.Module, images: ImageSet, device: torch.device, seed: int) -> InversionResult:

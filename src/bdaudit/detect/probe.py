@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from bdaudit.core.data import ImageSet, to_float
 from bdaudit.core.defaults import DEFAULT_FAIL_ASR, DEFAULT_FAMILY_ASR, DEFAULT_NULL_MARGIN
 from bdaudit.core.errors import BdauditError
-from bdaudit.core.runtime import eval_autocast
+from bdaudit.core.predict import Predictor
 from bdaudit.triggers import Trigger
 
 
@@ -79,6 +80,10 @@ class TriggerResult:
     flag_reason: str | None = None  # "trigger" or "family" (see Gates)
     n_probe: int | None = None  # held-out images not of the target: the ASR's denominator
     asr_ci95: list[float] | None = None  # Wilson 95 % interval of the ASR over those n_probe images
+    # Sequential probing (1.4): True when the verdict was certain at ``probe_confidence`` before
+    # every held-out image was used, False when it took them all, None when probed in full.
+    probe_decided: bool | None = None
+    probe_confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +94,7 @@ class ScanResult:
     clean_accuracy: float
     n_images: int
     triggers: list[TriggerResult]
+    forward_passes: int = 0  # images through the model, one per image and transform (not reported)
 
     @property
     def flagged(self) -> list[TriggerResult]:
@@ -101,25 +107,6 @@ def attack_success_rates(preds: torch.Tensor, labels: torch.Tensor, num_classes:
     correct_in = torch.bincount(preds[preds == labels], minlength=num_classes).float()
     not_of = len(labels) - torch.bincount(labels, minlength=num_classes).float()
     return (sent_to - correct_in) / not_of.clamp(min=1)
-
-
-@torch.no_grad()
-def _predict_all(classifier: nn.Module, data: ImageSet, transforms: Sequence[Callable],
-                 batch_size: int, device: torch.device, advance: Callable[[int], None] | None,
-                 ) -> list[torch.Tensor]:
-    """Predictions under each transform, converting each uint8 batch to float once. They stay on
-    the device until the end: one copy back, no per-batch synchronisation."""
-    classifier.to(device, memory_format=torch.channels_last).eval()
-    outputs: list[list[torch.Tensor]] = [[] for _ in transforms]
-    for start in range(0, len(data), batch_size):
-        x = to_float(data.images[start:start + batch_size], device)
-        for slot, transform in enumerate(transforms):
-            stamped = transform(x)  # triggers stay fp32: only the classifier's forward is autocast
-            with eval_autocast(device):
-                outputs[slot].append(classifier(stamped).argmax(1))
-        if advance is not None:
-            advance(min(batch_size, len(data) - start))
-    return [torch.cat(chunks).cpu() for chunks in outputs]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -136,46 +123,178 @@ def trigger_fit_error(trigger: Trigger, data: ImageSet) -> str | None:
     return None
 
 
-def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[Trigger], *,
-                      device: torch.device, batch_size: int = 256, target: int | None = None,
-                      gates: Gates | None = None, advance: Callable[[int], None] | None = None,
-                      targets: Sequence[int | None] | None = None, with_null: bool = True) -> ScanResult:
-    """Clean accuracy plus, per trigger, ASR at the suspected (or given) target, the matched
-    null rate and robust accuracy. ``targets`` fixes a target per trigger (e.g. the ones found
-    before cleaning); otherwise ``target`` applies to all, and None searches."""
-    gates = gates or Gates()
-    per_trigger = list(targets) if targets is not None else [target] * len(triggers)
+PROBE_MODES = ("sequential", "full")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How to probe. ``sequential`` (the default) probes each trigger on a seeded random order of
+    the held-out images in growing chunks (``first_look``, then doubling) and stops once its
+    verdict (flagged or not, and why) holds at ``confidence`` whatever the unseen images say;
+    ``full`` probes every image with every trigger. Clean accuracy always uses every image.
+    ``targets`` fixes a target per trigger (e.g. those found before cleaning); otherwise ``target``
+    applies to all, and None searches. ``batch_size`` None: measured per model and device."""
+
+    gates: Gates = field(default_factory=Gates)
+    target: int | None = None
+    targets: Sequence[int | None] | None = None
+    batch_size: int | None = None
+    with_null: bool = True  # without nulls (e.g. per-epoch history) nothing is gated or flagged
+    probe: str = "sequential"
+    confidence: float = 0.99
+    first_look: int = 64
+    seed: int = 0  # the order images are probed in (a generator of its own: no global randomness)
+
+    def __post_init__(self) -> None:
+        if self.probe not in PROBE_MODES:
+            raise BdauditError(f"`probe` must be one of {', '.join(PROBE_MODES)}, not {self.probe!r}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise BdauditError(f"`confidence` must be in [0.5, 1), not {self.confidence}")
+        if self.first_look < 1:
+            raise BdauditError(f"`first_look` must be at least 1, not {self.first_look}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise BdauditError(f"`batch_size` must be at least 1, not {self.batch_size}")
+
+
+def look_schedule(n: int, first: int) -> list[int]:
+    """Image counts at which a sequential probe looks: ``first``, doubling, then ``n``."""
+    looks, k = [], first
+    while k < n:
+        looks.append(k)
+        k *= 2
+    return [*looks, n] if n > 0 else []
+
+
+def _wilson_bounds(hits: torch.Tensor, n: torch.Tensor, z: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n = n.double().clamp(min=1)
+    p = hits.double() / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * torch.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (centre - half).clamp(min=0), (centre + half).clamp(max=1)
+
+
+def _successes(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per target class: images not of it sent to it, and images not of it."""
+    hits = torch.bincount(preds[preds != labels], minlength=num_classes)
+    return hits, len(labels) - torch.bincount(labels, minlength=num_classes)
+
+
+def _settled(gates: Gates, a: tuple[torch.Tensor, torch.Tensor], nul: tuple[torch.Tensor, torch.Tensor],
+             fixed: int | None) -> bool:
+    """Whether the gate's answer (flag reason or none) is the same for every ASR and null rate
+    inside their bounds, at every class that can still turn out to be the target."""
+    (a_lo, a_hi), (n_lo, n_hi) = a, nul
+    # A class can still be the argmax while its upper bound reaches the best lower bound.
+    classes = [fixed] if fixed is not None else [int(c) for c in torch.nonzero(a_hi >= a_lo.max()).flatten()]
+    answers = set()
+    for c in classes:
+        trig_yes = a_lo[c] >= gates.fail_asr and a_lo[c] - n_hi[c] >= gates.null_margin
+        trig_no = a_hi[c] < gates.fail_asr or a_hi[c] - n_lo[c] < gates.null_margin
+        if gates.family_asr is None:
+            fam_yes, fam_no = False, True
+        else:
+            bar = max(gates.family_asr, gates.fail_asr)
+            fam_yes, fam_no = min(a_lo[c], n_lo[c]) >= bar, min(a_hi[c], n_hi[c]) < bar
+        if trig_yes:
+            answers.add("trigger")
+        elif trig_no and fam_yes:
+            answers.add("family")
+        elif trig_no and fam_no:
+            answers.add(None)
+        else:
+            return False
+    return len(answers) == 1
+
+
+def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[Trigger],
+                      options: ProbeSettings | None = None, *, device: torch.device,
+                      advance: Callable[[int], None] | None = None) -> ScanResult:
+    """Clean accuracy plus, per trigger, ASR at the suspected (or given) target with its
+    interval, the matched null rate and robust accuracy (``ProbeSettings``: sequential or full)."""
+    options = options or ProbeSettings()
+    gates = options.gates
+    per_trigger = list(options.targets) if options.targets is not None else [options.target] * len(triggers)
     for fixed in per_trigger:
         if fixed is not None and not 0 <= fixed < data.num_classes:
             raise BdauditError(f"`target` {fixed} is not a class index (0..{data.num_classes - 1})")
-    usable = [t for t in triggers if trigger_fit_error(t, data) is None]
-    transforms: list[Callable] = [_identity]
-    for trig in usable:  # without nulls (e.g. per-epoch history) the null slot repeats the trigger
-        transforms += [trig.apply, trig.null] if with_null else [trig.apply]
-    # (with_null=False also leaves flagged False: a gate needs the null rate)
-    preds = _predict_all(classifier, data, transforms, batch_size, device, advance)
-    labels = data.labels
-    clean_acc = float((preds[0] == labels).float().mean())
-    results = []
-    by_name = {id(t): i for i, t in enumerate(usable)}
-    for trig, target in zip(triggers, per_trigger, strict=True):
-        if id(trig) not in by_name:
-            results.append(TriggerResult(trig.name, trig.spec(), trig.paper, target, None,
-                                         target is not None, None, None, None,
-                                         error=trigger_fit_error(trig, data)))
+    fit = {id(t): trigger_fit_error(t, data) for t in triggers}
+    work = [(i, trig, fixed) for i, (trig, fixed) in enumerate(zip(triggers, per_trigger, strict=True))
+            if fit[id(trig)] is None]
+    sequential = options.probe == "sequential" and options.with_null
+    n_all = len(data)
+    order = (torch.randperm(n_all, generator=torch.Generator().manual_seed(options.seed)) if sequential
+             else torch.arange(n_all))
+    looks = look_schedule(n_all, options.first_look) if sequential else [n_all]
+    labels = data.labels[order]
+    predictor = Predictor(classifier, device, options.batch_size)
+    # Bonferroni over the looks and the rates bounded at each (ASR and null, per candidate class):
+    # every bound holds at once with probability >= confidence, so a settled verdict is that sure.
+    n_rates = 2 * (1 if all(f is not None for _, _, f in work) else data.num_classes)
+    z = NormalDist().inv_cdf(1 - (1 - options.confidence) / (2 * max(1, len(looks) * n_rates)))
+    clean_chunks: list[torch.Tensor] = []
+    chunks: dict[int, list[list[torch.Tensor]]] = {i: [[], []] for i, _, _ in work}
+    used = {i: n_all for i, _, _ in work}
+    active = list(work)
+    seen = 0
+    for look in looks:
+        batch = data.images[order[seen:look]]
+        transforms: list[Callable | None] = [None]
+        for _, trig, _ in active:
+            transforms += [trig.apply, trig.null] if options.with_null else [trig.apply]
+        preds = predictor.labels(batch, transforms, advance)
+        clean_chunks.append(preds[0])
+        width = 2 if options.with_null else 1
+        for k, (i, _, _) in enumerate(active):
+            for j in range(width):
+                chunks[i][j].append(preds[1 + width * k + j])
+        seen = look
+        if not sequential or look == n_all:
             continue
-        slot = 1 + (2 if with_null else 1) * by_name[id(trig)]
-        asr_all = attack_success_rates(preds[slot], labels, data.num_classes)
-        t = int(asr_all.argmax()) if target is None else target
-        asr = float(asr_all[t])
-        null = float(attack_success_rates(preds[slot + 1], labels, data.num_classes)[t]) if with_null else None
-        n_probe = int((labels != t).sum())
-        results.append(TriggerResult(
-            trigger=trig.name, spec=trig.spec(), paper=trig.paper, target=t,
-            target_name=data.class_names[t], target_fixed=target is not None, asr=asr,
-            null_asr=null, robust_accuracy=float((preds[slot] == labels).float().mean()),
-            asr_per_class=[round(float(v), 6) for v in asr_all],
-            flagged=null is not None and gates.flags(asr, null),
-            flag_reason=gates.flag_reason(asr, null) if null is not None else None,
-            n_probe=n_probe, asr_ci95=[round(v, 4) for v in wilson_interval(round(asr * n_probe), n_probe)]))
-    return ScanResult(clean_accuracy=clean_acc, n_images=len(data), triggers=results)
+        still = []
+        for i, trig, fixed in active:
+            hits, n = _successes(torch.cat(chunks[i][0]), labels[:look], data.num_classes)
+            null_hits, _ = _successes(torch.cat(chunks[i][1]), labels[:look], data.num_classes)
+            if _settled(gates, _wilson_bounds(hits, n, z), _wilson_bounds(null_hits, n, z), fixed):
+                used[i] = look
+            else:
+                still.append((i, trig, fixed))
+        active = still
+        if not active:  # every verdict settled: only clean accuracy still needs the other images
+            clean_chunks.append(predictor.labels(data.images[order[look:]], [None], advance)[0])
+            break
+    clean_acc = float((torch.cat(clean_chunks) == labels).float().mean())
+    results = [_trigger_result(trig, fixed, fit[id(trig)], data) for trig, fixed in zip(triggers, per_trigger,
+                                                                                       strict=True)]
+    for i, trig, fixed in work:
+        n = used[i]
+        preds_a = torch.cat(chunks[i][0])
+        preds_n = torch.cat(chunks[i][1]) if options.with_null else None
+        results[i] = _measured(trig, fixed, data, labels[:n], preds_a, preds_n, gates)
+        if sequential:
+            results[i].probe_decided = n < n_all
+            results[i].probe_confidence = options.confidence
+    return ScanResult(clean_accuracy=clean_acc, n_images=n_all, triggers=results,
+                      forward_passes=predictor.forwards)
+
+
+def _trigger_result(trig: Trigger, target: int | None, error: str | None, data: ImageSet) -> TriggerResult:
+    return TriggerResult(trig.name, trig.spec(), trig.paper, target, None, target is not None, None, None, None,
+                         error=error)
+
+
+def _measured(trig: Trigger, target: int | None, data: ImageSet, labels: torch.Tensor, preds: torch.Tensor,
+              null_preds: torch.Tensor | None, gates: Gates) -> TriggerResult:
+    asr_all = attack_success_rates(preds, labels, data.num_classes)
+    t = int(asr_all.argmax()) if target is None else target
+    asr = float(asr_all[t])
+    null = None if null_preds is None else float(attack_success_rates(null_preds, labels, data.num_classes)[t])
+    n_probe = int((labels != t).sum())
+    return TriggerResult(
+        trigger=trig.name, spec=trig.spec(), paper=trig.paper, target=t,
+        target_name=data.class_names[t], target_fixed=target is not None, asr=asr,
+        null_asr=null, robust_accuracy=float((preds == labels).float().mean()),
+        asr_per_class=[round(float(v), 6) for v in asr_all],
+        flagged=null is not None and gates.flags(asr, null),
+        flag_reason=gates.flag_reason(asr, null) if null is not None else None,
+        n_probe=n_probe, asr_ci95=[round(v, 4) for v in wilson_interval(round(asr * n_probe), n_probe)])

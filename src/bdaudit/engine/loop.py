@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdaudit.core.data import ImageSet, to_float
+from bdaudit.core.predict import predict as core_predict
 from bdaudit.engine.recipe import Augment, Recipe
 
 # (images in [0, 1], labels, dataset indices, generator) -> (images, labels): e.g. poisoning.
@@ -126,20 +127,12 @@ def fit(classifier: nn.Module, data: ImageSet, recipe: Recipe, lr_at: LrFunction
     train(classifier, data, plan, optimizer, runtime, hooks)
 
 
-@torch.no_grad()
-def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int | None, device: torch.device,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Predicted labels for uint8 images, optionally transformed (e.g. triggered) first."""
-    classifier.to(device, memory_format=torch.channels_last).eval()
-    preds = []
-    for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size], device)
-        if transform is not None:
-            x = transform(x)
-        preds.append(classifier(x).argmax(1).cpu())
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return core_predict(classifier, images, device, batch_size, transform)
 
 
-def accuracy(classifier: nn.Module, data: ImageSet, batch_size: int, device: torch.device) -> float:
+def accuracy(classifier: nn.Module, data: ImageSet, batch_size: int | None, device: torch.device) -> float:
     preds = predict(classifier, data.images, batch_size, device)
     return float((preds == data.labels).float().mean()) if len(data) else float("nan")

@@ -15,7 +15,7 @@ from torch import nn
 from bdaudit.core.config import ModelConfig
 from bdaudit.core.data import ImageSet, _class_folders
 from bdaudit.core.errors import TriggerError
-from bdaudit.detect.probe import evaluate_triggers, trigger_fit_error
+from bdaudit.detect.probe import ProbeSettings, evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import accuracy
 from bdaudit.triggers import Trigger
 
@@ -73,8 +73,8 @@ def measure_trigger(classifier: nn.Module, heldout: ImageSet, trigger: Trigger |
     """Held-out clean accuracy and the trigger's ASR at ``target`` (None: the most-hit class)."""
     if trigger is None:
         return {"clean_accuracy": accuracy(classifier, heldout, batch_size, device)}
-    result = evaluate_triggers(classifier, heldout, [trigger], device=device,
-                               batch_size=batch_size, target=target)
+    result = evaluate_triggers(classifier, heldout, [trigger],
+                               ProbeSettings(batch_size=batch_size, target=target, probe="full"), device=device)
     probe = result.triggers[0]
     return {"clean_accuracy": result.clean_accuracy, "asr": probe.asr, "null_asr": probe.null_asr,
             "asr_target": probe.target}

@@ -23,7 +23,7 @@ from bdaudit.core.data import (
 from bdaudit.core.errors import BdauditError, DataError
 from bdaudit.core.outputs import refuse_existing
 from bdaudit.core.runtime import resolve_device, seed_everything
-from bdaudit.detect.probe import evaluate_triggers, trigger_fit_error
+from bdaudit.detect.probe import ProbeSettings, evaluate_triggers, trigger_fit_error
 from bdaudit.engine.loop import Hooks, LrFunction, Runtime, accuracy, fit
 from bdaudit.engine.recipe import Recipe, check_lr, warm_cosine
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, save_model
@@ -125,8 +125,9 @@ def measure(classifier: torch.nn.Module, split: DataSplit, attack: Attack | None
     """Held-out clean accuracy and, for a backdoored model, ASR of its own trigger."""
     if attack is None:
         return {"clean_accuracy": accuracy(classifier, split.heldout, batch_size, device)}
-    result = evaluate_triggers(classifier, split.heldout, [attack.probe_trigger()], device=device,
-                               batch_size=batch_size, target=attack.target)
+    result = evaluate_triggers(classifier, split.heldout, [attack.probe_trigger()],
+                               ProbeSettings(batch_size=batch_size, target=attack.target, probe="full"),
+                               device=device)
     probe = result.triggers[0]
     return {"clean_accuracy": result.clean_accuracy, "asr": probe.asr, "null_asr": probe.null_asr}
 

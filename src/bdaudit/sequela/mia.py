@@ -31,6 +31,7 @@ from torch import nn
 
 from bdaudit.core.data import ImageSet
 from bdaudit.core.errors import BdauditError
+from bdaudit.core.predict import Predictor
 
 ATTACKS = ("loss", "confidence", "entropy", "modified_entropy")
 FPR_POINTS = (0.01, 0.001)
@@ -141,9 +142,7 @@ def attack_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
 @torch.no_grad()
 def _logits(classifier: nn.Module, data: ImageSet, batch_size: int, device: torch.device,
             ) -> torch.Tensor:
-    classifier.to(device).eval()
-    chunks = [classifier(x).float().cpu() for x, _ in data.batches(batch_size, device)]
-    return torch.cat(chunks)
+    return Predictor(classifier, device, batch_size).logits(data.images)
 
 
 # --------------------------------------------------------------------------- inputs

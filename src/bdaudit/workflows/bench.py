@@ -36,7 +36,7 @@ from bdaudit.sequela.mia import membership_inference
 from bdaudit.sequela.reinjection import ReinjectionSettings, reinjection_attack
 from bdaudit.triggers import Trigger, create_trigger, parse_trigger
 from bdaudit.triggers.base import model_triggers
-from bdaudit.workflows.clean import CleanGates, run_defense
+from bdaudit.workflows.clean import DefenseRun, run_defense
 from bdaudit.workflows.executors import Executor, LocalExecutor
 from bdaudit.workflows.options import DataOptions, OutputOptions, Runtime
 from bdaudit.workflows.plant import PlantOptions, plant_model
@@ -277,9 +277,10 @@ def run_cell(subject: Subject, model_data: SubjectData, split: DataSplit, method
     if options.pop("unlearn_source") == "inverted":
         _, triggers = add_inverted(loaded.classifier(), split, device, plan.seed, triggers)
         unlearn_only = triggers[len(model_data.triggers):]
-    outcome = run_defense(defense, loaded, split, triggers, scope="full", device=device, gen=gen,
-                          batch_size=256, gates=CleanGates(), target=subject.target, track_history=False,
-                          unlearn_only=unlearn_only, **options)
+    # Every image probed: the bench's numbers are research measurements, not gate verdicts.
+    outcome = run_defense(defense, loaded, split, triggers,
+                          DefenseRun(target=subject.target, history="off", probe="full",
+                                     unlearn_only=unlearn_only, **options), device=device, gen=gen)
     seconds = time.perf_counter() - started
     before, after = outcome.before.triggers[0], outcome.after.triggers[0]
     row: dict[str, Any] = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from bdaudit.core.errors import BdauditError
 from bdaudit.core.heads import head_of
 from bdaudit.defenses import SCOPES, Defense, DefenseContext
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE, plan_unlearning
-from bdaudit.detect.probe import Gates, ScanResult, evaluate_triggers
+from bdaudit.detect.probe import Gates, ProbeSettings, ScanResult, evaluate_triggers
 from bdaudit.models.checkpoint import LoadedModel, save_model
 from bdaudit.triggers import Trigger
 from bdaudit.workflows.scan import scan_section
@@ -61,56 +61,116 @@ def check_tuning_data(tune: ImageSet, loaded: LoadedModel) -> None:
                            "in all); add images or lower `holdout`")
 
 
-def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, triggers: Sequence[Trigger], *,
-                scope: str, device: torch.device, gen: torch.Generator, batch_size: int,
-                gates: CleanGates, target: int | None = None,
-                on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                track_history: bool = True, unlearn_fraction: float = 0.0,
-                unlearn_family: float = UNLEARN_FAMILY_SHARE,
-                unlearn_only: Sequence[Trigger] | None = None) -> CleanOutcome:
-    """Scan, clean a copy of the model, scan again at the targets found before. With
-    ``unlearn_fraction``, tuning defenses also unlearn the triggers the first scan flagged
-    (``defenses.unlearning``) — of ``unlearn_only`` if given (the rest are only measured)."""
-    if scope not in SCOPES:
-        raise BdauditError(f"`scope` must be one of {', '.join(SCOPES)}, not '{scope}'")
-    if scope == "head":
+HISTORY_MODES = ("sparse", "full", "off")
+
+
+@dataclass(frozen=True)
+class DefenseRun:
+    """How ``run_defense`` cleans and what it measures. ``history``: ``sparse`` (default) probes
+    clean accuracy and the flagged triggers on ``history_images`` fixed held-out images every
+    ``history_every`` epochs and at the end; ``full`` probes every usable trigger on every
+    held-out image after every epoch (for research); ``off`` records none. ``probe`` is how the
+    before and after scans probe (``detect.probe.ProbeSettings``)."""
+
+    scope: str = "full"
+    gates: CleanGates = field(default_factory=CleanGates)
+    target: int | None = None
+    batch_size: int | None = 256
+    unlearn_fraction: float = 0.0
+    unlearn_family: float = UNLEARN_FAMILY_SHARE
+    unlearn_only: Sequence[Trigger] | None = None  # unlearn only these (the rest are only measured)
+    history: str = "sparse"
+    history_every: int = 5
+    history_images: int = 200
+    probe: str = "sequential"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise BdauditError(f"`scope` must be one of {', '.join(SCOPES)}, not '{self.scope}'")
+        if self.history not in HISTORY_MODES:
+            raise BdauditError(f"`history` must be one of {', '.join(HISTORY_MODES)}, not '{self.history}'")
+        if self.history_every < 1:
+            raise BdauditError(f"`history_every` must be at least 1, not {self.history_every}")
+        if self.history_images < 1:
+            raise BdauditError(f"`history_images` must be at least 1, not {self.history_images}")
+
+    def probe_options(self, **fields: Any) -> ProbeSettings:
+        return ProbeSettings(self.gates.scan, batch_size=self.batch_size, probe=self.probe, **fields)
+
+
+def history_subset(heldout: ImageSet, n: int) -> ImageSet:
+    """The fixed held-out images the sparse history probes: a seeded choice of its own (no
+    training randomness), the same every epoch."""
+    if n >= len(heldout):
+        return heldout
+    pick = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return heldout.subset(pick)
+
+
+def run_defense(defense: Defense, loaded: LoadedModel, split: DataSplit, triggers: Sequence[Trigger],
+                options: DefenseRun | None = None, *, device: torch.device, gen: torch.Generator,
+                on_epoch: Callable[[dict[str, Any]], None] | None = None) -> CleanOutcome:
+    """Scan, clean a copy of the model, then scan the cleaned model again from scratch at the
+    targets found before (nothing from the history is reused). With ``unlearn_fraction``, tuning
+    defenses also unlearn the triggers the first scan flagged (``defenses.unlearning``)."""
+    options = options or DefenseRun()
+    if options.scope == "head":
         head_of(loaded.net, loaded.config)
     check_tuning_data(split.tune, loaded)
     started = time.perf_counter()
     original = loaded.classifier()
-    before = evaluate_triggers(original, split.heldout, triggers, device=device, batch_size=batch_size,
-                               target=target, gates=gates.scan)
+    before = evaluate_triggers(original, split.heldout, triggers, options.probe_options(target=options.target),
+                               device=device)
     targets = [t.target for t in before.triggers]
-    usable = [(trig, t) for trig, t, r in zip(triggers, targets, before.triggers, strict=True)
-              if r.error is None]
+    full = options.history == "full"
+    # Sparse history follows what cleaning must move: the flagged triggers, on a small fixed subset.
+    tracked = [(trig, t) for trig, t, r in zip(triggers, targets, before.triggers, strict=True)
+               if r.error is None and (full or r.flagged)]
+    probe_data = split.heldout if full else history_subset(split.heldout, options.history_images)
     classifier = copy.deepcopy(original)
     history: list[dict[str, Any]] = []
+    last: dict[str, Any] = {}
 
-    def record(epoch: int, lr: float, loss: float) -> None:
-        probe = evaluate_triggers(classifier, split.heldout, [p for p, _ in usable], device=device,
-                                  batch_size=batch_size, targets=[t for _, t in usable],
-                                  gates=gates.scan, with_null=False)
-        classifier.train()  # evaluate_triggers leaves eval mode; the loop expects train mode
-        ctx.set_train_modes()
+    def probe_row(epoch: int, lr: float, loss: float) -> None:
+        probe = evaluate_triggers(classifier, probe_data, [p for p, _ in tracked],
+                                  ProbeSettings(options.gates.scan, targets=[t for _, t in tracked],
+                                               batch_size=options.batch_size, with_null=False, probe="full"),
+                                  device=device)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss, "clean_accuracy": probe.clean_accuracy,
-               "asr": {r.spec: r.asr for r in probe.triggers}}
+               "asr": {r.spec: r.asr for r in probe.triggers}, "n_images": len(probe_data)}
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
 
-    allowed = None if unlearn_only is None else {id(t) for t in unlearn_only}
+    def record(epoch: int, lr: float, loss: float) -> None:
+        # The same model state every epoch whatever is probed (device, layout, modes, as the
+        # per-epoch probe always left it): the history never changes what is trained.
+        classifier.to(device, memory_format=torch.channels_last)
+        classifier.train()
+        ctx.set_train_modes()
+        last.update(epoch=epoch, lr=lr, loss=loss)
+        if full or (epoch + 1) % options.history_every == 0:
+            probe_row(epoch, lr, loss)
+            last["probed"] = epoch
+
+    allowed = None if options.unlearn_only is None else {id(t) for t in options.unlearn_only}
     flagged = [r.flagged and (allowed is None or id(t) in allowed) for t, r in zip(triggers, before.triggers,
                                                                                    strict=True)]
-    unlearn = plan_unlearning(triggers, flagged, unlearn_fraction, unlearn_family)
+    unlearn = plan_unlearning(triggers, flagged, options.unlearn_fraction, options.unlearn_family)
     ctx = DefenseContext(classifier=classifier, config=loaded.config, tune=split.tune, device=device,
-                         gen=gen, scope=scope, on_epoch=record if track_history else None, unlearn=unlearn)
+                         gen=gen, scope=options.scope, on_epoch=record if options.history != "off" else None,
+                         unlearn=unlearn)
     result = defense.run(ctx)
     if unlearn is not None and ctx.extras.get("unlearning_applied"):
         result.unlearning = unlearn.describe()
     used = result.to_dict()
     classifier.eval()
-    after = evaluate_triggers(classifier, split.heldout, triggers, device=device, batch_size=batch_size,
-                              targets=targets, gates=gates.scan)
+    if last and last.get("probed") != last["epoch"]:  # the end of training is always in the history
+        probe_row(last["epoch"], last["lr"], last["loss"])
+    after = evaluate_triggers(classifier, split.heldout, triggers, options.probe_options(targets=targets),
+                              device=device)
+    used["history"] = {"mode": options.history, "every": 1 if full else options.history_every,
+                       "images": len(probe_data), "triggers": [p.spec() for p, _ in tracked]}
     return CleanOutcome(before, after, history, used, time.perf_counter() - started, classifier)
 
 

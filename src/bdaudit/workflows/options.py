@@ -92,13 +92,17 @@ class SequelaOptions:
 @dataclass(frozen=True)
 class CleanOptions:
     """How to clean: the defense ``method`` and its ``settings``, the ``scope`` tuned, the share of
-    each tuning batch that unlearns flagged triggers, and (if given) the sequela audit to run."""
+    each tuning batch that unlearns flagged triggers, (if given) the sequela audit to run, and how
+    much per-epoch ``history`` to record."""
 
     method: str = DEFAULT_METHOD
     settings: dict[str, Any] | None = None
     scope: str = "full"
     unlearn_fraction: float = DEFAULT_UNLEARN_FRACTION
     sequela: SequelaOptions | None = None
+    # sparse: the history probes the flagged triggers on a small fixed subset every few epochs;
+    # full: every trigger on every held-out image after every epoch (workflows.clean.DefenseRun)
+    history: str = "sparse"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 from bdaudit.core.data import DataSplit, ImageSet, resolve_data
 from bdaudit.core.errors import TriggerError
 from bdaudit.detect.inversion import InversionResult, inversion_reasons, invert_seeded
-from bdaudit.detect.probe import Gates, ScanResult, evaluate_triggers, trigger_fit_error
+from bdaudit.detect.probe import Gates, ProbeSettings, ScanResult, evaluate_triggers, trigger_fit_error
 from bdaudit.detect.unknown import DetectResult, detect_reasons, detect_unknown, detector_enabled
 from bdaudit.models.checkpoint import LoadedModel
 from bdaudit.models.intake import check_data_channels
@@ -115,8 +115,8 @@ def run_scan(loaded: LoadedModel, split: DataSplit, probe: ProbeOptions, gates: 
     detection = run_detector(loaded.classifier(), split, device, runtime.seed, probe.detect, probe.explicit)
     if detection is not None:
         chosen += detection.flagged_triggers()  # their held-out ASR (with its interval) is reported
-    result = evaluate_triggers(loaded.classifier(), split.heldout, chosen, device=device,
-                               batch_size=runtime.batch_size, target=probe.target, gates=gates,
-                               advance=advance)
+    result = evaluate_triggers(loaded.classifier(), split.heldout, chosen,
+                               ProbeSettings(gates, probe.target, batch_size=runtime.batch_size),
+                               device=device, advance=advance)
     inversion = invert_seeded(loaded.classifier(), split.tune, device, runtime.seed) if probe.invert else None
     return ScanOutcome(result, gates, probe.detect, detection, inversion)
