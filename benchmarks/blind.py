@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -196,7 +197,9 @@ def run(entry: tuple) -> dict:
            "target": TARGET if trigger else None, "planted": before,
            "scan_exit": 0 if scan.passed else 1, "detected_classes": det["flagged"],
            "detected_target": TARGET in det["flagged"] if trigger else None,
-           "max_anomaly_index": scores, "detector_seconds": det["seconds"],
+           "max_anomaly_index": scores, "detector_seconds": det["seconds"], "refined": det.get("refined") is not None,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=ROOT).stdout.strip(),
            "scan_reasons": len(scan.reasons),
            "clean_exit": 0 if cleaned.passed else 1, "finding": cleaned.sections["clean"].get("finding"),
            "verification_flagged": ver.get("flagged"), "after": after,
@@ -225,7 +228,7 @@ def table(path: Path = RESULTS) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="model names to run, in this order (default: all)")
     parser.add_argument("--table", action="store_true", help="print the results table and exit")
     args = parser.parse_args()
     if args.table:
@@ -233,9 +236,11 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for entry in MODELS:
-        if args.only and entry[0] not in args.only:
-            continue
+    by_name = {entry[0]: entry for entry in MODELS}
+    unknown = [name for name in args.only or [] if name not in by_name]
+    if unknown:
+        parser.error(f"unknown model(s): {', '.join(unknown)}")
+    for entry in [by_name[name] for name in args.only] if args.only else MODELS:
         row = run(entry)
         print(json.dumps(row), flush=True)
         with RESULTS.open("a") as fh:
