@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import invoke, read_report
+from torch import nn
 
 from bdaudit import api
-from bdaudit.core.data import load_image_folder, resolve_preprocessing
+from bdaudit.core.data import ImageSet, load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
 from bdaudit.detect.probe import wilson_interval
 from bdaudit.detect.unknown import DetectSettings, choose_candidates, detect_unknown, detector_enabled
@@ -157,3 +158,56 @@ def test_an_ambiguous_screen_is_refined_and_a_clear_one_is_not(clean_model: Plan
     never = detect_unknown(loaded.classifier(), images, seed=0,
                            settings=dataclasses.replace(quick, refine_above=float("inf")))
     assert never.refined is None
+
+
+class _Templates(nn.Module):
+    """A stand-in classifier with no training: nearest class mean, plus (``shortcut``) a learnt
+    trigger that sends an image to class 3 — a decision rule whose backdoor is known exactly."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shortcut: str) -> None:
+        super().__init__()
+        x = images.float() / 255
+        self.register_buffer("means", torch.stack([x[labels == c].mean(0) for c in range(10)]))
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = -(x[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
+        boost = torch.zeros_like(logits)
+        background = x[:, :, :3, :3].mean((1, 2, 3))  # a corner digits never reach
+        if self.shortcut == "dot":  # a 2x2 dot, lower left
+            boost[:, 3] = 200 * (x[:, :, 20:22, 6:8].mean((1, 2, 3)) - 0.5).clamp_min(0)
+        elif self.shortcut == "filter":  # any lifted background: a brightness filter learnt as a trigger
+            boost[:, 3] = 1000 * (background - 0.05).clamp_min(0)
+        elif self.shortcut == "collapse":  # only the strongest brightening: what weak clean models do
+            boost[:, 0] = 1000 * (background - 0.35).clamp_min(0)
+        return logits + boost
+
+
+def _eval_images(eval_dir: Path) -> ImageSet:
+    config = infer_model_config(eval_dir, "bd_cnn_small")
+    return load_image_folder(eval_dir, resolve_preprocessing(config), config.class_names)
+
+
+@pytest.mark.parametrize(("shortcut", "flagged", "suspects"), [("filter", [3], []), ("collapse", [], [0])])
+def test_brightening_gates_only_when_the_whole_family_agrees(eval_dir: Path, shortcut: str, flagged: list[int],
+                                                            suspects: list[int]) -> None:
+    images = _eval_images(eval_dir)
+    model = _Templates(images.images, images.labels, shortcut)
+    result = detect_unknown(model, images, seed=0, settings=DetectSettings(families=("transform",)))
+    transform = result.families[0]
+    assert transform.flagged == flagged and transform.suspects == suspects
+    assert result.flagged == flagged
+
+
+def test_a_tiny_patch_is_flagged_by_the_size_prior(eval_dir: Path) -> None:
+    images = _eval_images(eval_dir)
+    model = _Templates(images.images, images.labels, "dot")
+    # Index rule off (threshold inf): only the refined run's size prior can flag.
+    only_prior = DetectSettings(steps=20, refine_steps=60, refine_above=0.0, families=("patch",),
+                                patch_threshold=float("inf"))
+    result = detect_unknown(model, images, seed=0, settings=only_prior)
+    assert result.refined is not None and result.flagged == [3], result.to_dict()["families"][0]
+    patch = result.families[0]
+    assert patch.sizes[3] <= 0.25 * sorted(patch.sizes)[5]
+    no_prior = detect_unknown(model, images, seed=0, settings=dataclasses.replace(only_prior, patch_ratio=0.0))
+    assert no_prior.flagged == []

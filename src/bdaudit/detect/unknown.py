@@ -14,14 +14,18 @@ Three families, because each is blind where another sees:
 - ``transform``: no optimisation; a fixed grid of mild affine and colour transforms
   (``TRANSFORM_GRID``) is tried on 256 clean images, and a class that one of them sends >= 80 % of
   other classes' images to is flagged. A contrast/brightness filter is large in L2 (0.3 on every
-  pixel) and invisible to ``perturbation``; brightening only makes *suspects* (see
+  pixel) and invisible to ``perturbation``. One brightening transform only makes a *suspect*; a
+  class the whole brightening family sends images to (median share >= 0.9) is flagged (see
   ``_search_transforms``).
 
 ``patch`` and ``perturbation`` score every candidate class by its trigger's size and flag outliers
 with Neural Cleanse's MAD rule on log sizes (``inversion.score_classes``), below the median and
 above ``patch_threshold`` (7) / ``perturbation_threshold`` (4) — above NC's 2 because the budget is
 short and two rules run: on MNIST's clean models the naturally easy class 8 reaches 6.4 and 3.8
-(benchmarks/README.md, "Blind generalisation"). A class is flagged when any family flags it.
+(benchmarks/README.md, "Blind generalisation"). On a refined run (below) a patch mask at most
+``patch_ratio`` (0.25) of the median class's is flagged too: a mask-size prior for tiny triggers, whose
+anomaly index the wide spread of ten clean classes' log sizes keeps low. A class is flagged when any
+family flags it.
 
 Cost is bounded, not linear in the number of classes: with more than ``max_candidates`` classes a
 class-count-independent pre-screen — one *untargeted* universal perturbation, optimised to push
