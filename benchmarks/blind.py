@@ -212,17 +212,23 @@ def run(entry: tuple) -> dict:
 def table(path: Path = RESULTS) -> str:
     """The markdown table of benchmarks/README.md from the JSONL results."""
     head = ("| model | trigger | poison | planted ASR / CA | scan | detected | clean exit | finding | "
-            "residual true ASR (95 % CI) | CA after (drop) | re-detect after | s (scan/clean) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "residual true ASR (95 % CI) | CA after (drop) | re-detect after | retuned ASR @60 (floor) | "
+            "s (scan/clean) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
+    retune_path = path.with_name("blind_retune.jsonl")
+    retuned = ({r["model"]: r for r in map(json.loads, retune_path.read_text().splitlines())}
+               if retune_path.exists() else {})
     for row in map(json.loads, path.read_text().splitlines()):
+        r = retuned.get(row["model"])
+        again = f"{r['cleaned'][-1]:.1%} ({r['never_backdoored'][-1]:.1%})" if r else "—"
         p, a = row["planted"], row["after"]
         asr = "—" if row["trigger"] is None else f"{a['asr']:.1%} ({a['asr_ci95'][0]:.1%}–{a['asr_ci95'][1]:.1%})"
         planted = f"{p['asr']:.0%} / {p['ca']:.1%}" if row["trigger"] else f"— / {p['ca']:.1%}"
         lines.append(f"| {row['model']} | {row['trigger'] or 'none (clean)'} | {row['poison_rate']:.0%} | {planted} | "
                      f"{'FAIL' if row['scan_exit'] else 'pass'} | {row['detected_classes']} | {row['clean_exit']} | "
                      f"{row['finding']} | {asr} | {a['ca']:.1%} ({row['ca_drop']:+.1%}) | "
-                     f"{row['verification_flagged']} | {row['seconds']['scan']:.0f}/{row['seconds']['clean']:.0f} |")
+                     f"{row['verification_flagged']} | {again} | "
+                     f"{row['seconds']['scan']:.0f}/{row['seconds']['clean']:.0f} |")
     return "\n".join(lines)
 
 
