@@ -22,9 +22,9 @@ with Neural Cleanse's MAD rule on log sizes (``inversion.score_classes``), below
 above ``patch_threshold`` (7) / ``perturbation_threshold`` (4) — above NC's 2 because the budget is
 short and two rules run: on MNIST's clean models the naturally easy class 8 reaches 6.4 and 3.8
 (benchmarks/README.md, "Blind generalisation"). On a refined run (below) a patch mask at most
-``patch_ratio`` (0.25) of the median class's is flagged too: a mask-size prior for tiny triggers, whose
-anomaly index the wide spread of ten clean classes' log sizes keeps low. A class is flagged when any
-family flags it.
+``patch_ratio`` (0.25) of the median class's is flagged at NC's own index threshold of 2: a mask-size
+prior for tiny triggers, whose anomaly index the wide spread of ten clean classes' log sizes keeps
+low. A class is flagged when any family flags it.
 
 Cost is bounded, not linear in the number of classes: with more than ``max_candidates`` classes a
 class-count-independent pre-screen — one *untargeted* universal perturbation, optimised to push
@@ -90,9 +90,11 @@ class DetectSettings:
     patch_threshold: float = 7.0
     perturbation_threshold: float = 4.0
     # A mask-size prior for tiny triggers: on the refined (converged) inversion, a class whose mask is
-    # at most this share of the median class's is flagged whatever its anomaly index. The MAD of ten
-    # log sizes is too wide to let a 2x2 dot stand out (index 2.7, mask 0.14 x the median), while
-    # clean models' smallest refined masks measured 0.40-0.80 x the median (benchmarks/README.md).
+    # at most this share of the median class's is flagged at Neural Cleanse's own index threshold
+    # (``refine_above``, 2) rather than ``patch_threshold``. The MAD of ten log sizes is too wide to
+    # let a 2x2 dot reach 7 (index 2.7, mask 0.14 x the median); the blind clean models' smallest
+    # refined masks measured 0.40-0.80 x the median, the encoder-clean sample's 0.18 at index 1.8
+    # (benchmarks/README.md).
     patch_ratio: float = 0.25
     transform_images: int = 256  # clean images each grid transform is tried on
     transform_asr: float = 0.8  # a grid transform sending this share of other classes' images to one class
@@ -509,7 +511,10 @@ def _score(family: str, classes: list[int], sizes: list[float], triggers: dict[i
     index, flagged = score_classes(classes, sizes, "log", threshold)
     if ratio > 0 and sizes:
         median = sorted(sizes)[len(sizes) // 2]
-        flagged = sorted(set(flagged) | {c for c, size in zip(classes, sizes, strict=True) if size <= ratio * median})
+        # NC's own index threshold as well: the shipped encoder-clean sample's class 8 has a small
+        # refined mask (0.18 x the median) at index 1.8; the 2x2 dot 0.14 x at index 2.7.
+        flagged = sorted(set(flagged) | {c for c, size, i in zip(classes, sizes, index.tolist(), strict=True)
+                                         if size <= ratio * median and i >= s.refine_above})
     flagged = [c for c in flagged if success[classes.index(c)] >= 0.5]
     return FamilyResult(family=family, classes=classes, sizes=sizes, attack_success=success,
                         anomaly_index=index.tolist(), flagged=flagged, triggers=triggers,
