@@ -199,16 +199,3 @@ def test_brightening_is_a_suspect_that_clean_unlearns_not_a_gate(eval_dir: Path,
     assert transform.flagged == [] and transform.suspects == [target] and result.flagged == []
     assert [t.target_class for t in result.unlearn_triggers()] == [target]
 
-
-def test_a_tiny_patch_is_flagged_by_the_size_prior(eval_dir: Path) -> None:
-    images = _eval_images(eval_dir)
-    model = _Templates(images.images, images.labels, "dot")
-    # Index rule off (threshold inf): only the refined run's size prior can flag.
-    only_prior = DetectSettings(steps=20, refine_steps=60, refine_above=0.0, families=("patch",),
-                                patch_threshold=float("inf"))
-    result = detect_unknown(model, images, seed=0, settings=only_prior)
-    assert result.refined is not None and result.flagged == [3], result.to_dict()["families"][0]
-    patch = result.families[0]
-    assert patch.sizes[3] <= 0.25 * sorted(patch.sizes)[5]
-    no_prior = detect_unknown(model, images, seed=0, settings=dataclasses.replace(only_prior, patch_ratio=0.0))
-    assert no_prior.flagged == []

@@ -21,10 +21,7 @@ Three families, because each is blind where another sees:
 with Neural Cleanse's MAD rule on log sizes (``inversion.score_classes``), below the median and
 above ``patch_threshold`` (7) / ``perturbation_threshold`` (4) — above NC's 2 because the budget is
 short and two rules run: on MNIST's clean models the naturally easy class 8 reaches 6.4 and 3.8
-(benchmarks/README.md, "Blind generalisation"). On a refined run (below) a patch mask at most
-``patch_ratio`` (0.25) of the median class's is flagged at NC's own index threshold of 2: a mask-size
-prior for tiny triggers, whose anomaly index the wide spread of ten clean classes' log sizes keeps
-low. A class is flagged when any family flags it.
+(benchmarks/README.md, "Blind generalisation"). A class is flagged when any family flags it.
 
 Cost is bounded, not linear in the number of classes: with more than ``max_candidates`` classes a
 class-count-independent pre-screen — one *untargeted* universal perturbation, optimised to push
@@ -89,13 +86,6 @@ class DetectSettings:
     prescreen_eps: float = 0.3  # L-inf bound of the untargeted pre-screen perturbation
     patch_threshold: float = 7.0
     perturbation_threshold: float = 4.0
-    # A mask-size prior for tiny triggers: on the refined (converged) inversion, a class whose mask is
-    # at most this share of the median class's is flagged at Neural Cleanse's own index threshold
-    # (``refine_above``, 2) rather than ``patch_threshold``. The MAD of ten log sizes is too wide to
-    # let a 2x2 dot reach 7 (index 2.7, mask 0.14 x the median); the blind clean models' smallest
-    # refined masks measured 0.40-0.80 x the median, the encoder-clean sample's 0.18 at index 1.8
-    # (benchmarks/README.md).
-    patch_ratio: float = 0.25
     transform_images: int = 256  # clean images each grid transform is tried on
     transform_asr: float = 0.8  # a grid transform sending this share of other classes' images to one class
     families: tuple[str, ...] = FAMILIES
@@ -204,11 +194,8 @@ def _search_transforms(classifier: nn.Module, images: torch.Tensor, labels: torc
     Geometric and pure-gain transforms gate (flagged). Brightening transforms (a positive bias) only
     make *suspects*: a weak clean model can answer every brightened image with one class (measured:
     the tests' under-trained tiny CNN sends 99 % to '0' at +0.2), exactly as a filter backdoor does,
-    so they cannot gate without false alarms. Nor does the whole brightening family tell them apart:
-    that tiny CNN sends a median 100 % to '0' over the grid's eight brightenings (0.73 at the mildest),
-    as the blind benchmark's 0.6 x + 0.3 filter backdoor does to its target (0.18 at the mildest).
-    ``clean`` still probes and unlearns suspects (tuning on brightened images with their true labels
-    costs a clean model nothing); README "Residual risk".
+    so they cannot gate without false alarms. ``clean`` still probes and unlearns suspects (tuning on
+    brightened images with their true labels costs a clean model nothing); README "Residual risk".
     """
     started = time.perf_counter()
     pick = torch.randperm(len(images), generator=gen)[:s.transform_images]
@@ -219,10 +206,9 @@ def _search_transforms(classifier: nn.Module, images: torch.Tensor, labels: torc
         trig = TransformTrigger(kind=kind, params_=params)
         preds = torch.cat([classifier(trig.apply(x_all[i:i + 256])).argmax(1).cpu()
                            for i in range(0, len(x_all), 256)])
-        rates = [float((preds[y_all != c] == c).float().mean()) if (y_all != c).any() else 0.0
-                 for c in range(num_classes)]
         for c in range(num_classes):
-            rate = rates[c]
+            keep = y_all != c
+            rate = float((preds[keep] == c).float().mean()) if keep.any() else 0.0
             gating = not (kind == "intensity" and params[1] > 0)
             # A gating transform wins ties: it decides whether the class is flagged.
             if rate > best[c] or (rate == best[c] and gating and c in found and not found[c].gating):
@@ -437,13 +423,10 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
         families = _invert_families(classifier, images, candidates, s, s.steps, device, gen)
         refined = None
         top = _top_index(families)
-        ratio = _min_patch_ratio(families)
-        if not any(f.flagged for f in families) and (top > s.refine_above or ratio <= s.patch_ratio):
-            refined = {"screen_steps": s.steps, "screen_top_index": round(top, 4),
-                       "screen_min_patch_ratio": round(ratio, 4), "steps": s.refine_steps,
+        if not any(f.flagged for f in families) and top > s.refine_above:
+            refined = {"screen_steps": s.steps, "screen_top_index": round(top, 4), "steps": s.refine_steps,
                        "screen_seconds": round(time.perf_counter() - started, 3)}
-            families = _invert_families(classifier, images, candidates, s, s.refine_steps, device, gen,
-                                        size_prior=True)
+            families = _invert_families(classifier, images, candidates, s, s.refine_steps, device, gen)
         if "transform" in s.families:
             families.append(_search_transforms(classifier, images.images, images.labels, num_classes, s, device, gen))
     finally:
@@ -456,9 +439,8 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
 
 
 def _invert_families(classifier: nn.Module, images: ImageSet, candidates: list[int], s: DetectSettings, steps: int,
-                     device: torch.device, gen: torch.Generator, size_prior: bool = False) -> list[FamilyResult]:
-    """The patch and perturbation inversions at ``steps`` mini-batches per class; ``size_prior``
-    (refined runs only: unconverged masks are too noisy) adds the ``patch_ratio`` rule."""
+                     device: torch.device, gen: torch.Generator) -> list[FamilyResult]:
+    """The patch and perturbation inversions at ``steps`` mini-batches per class."""
     families: list[FamilyResult] = []
     if "patch" in s.families:
         t0 = time.perf_counter()
@@ -467,8 +449,7 @@ def _invert_families(classifier: nn.Module, images: ImageSet, candidates: list[i
         triggers: dict[int, Trigger] = {c: InvertedTrigger(mask=masks[i].clone(), pattern=patterns[i].clone(),
                                                            target_class=c) for i, c in enumerate(candidates)}
         sizes = masks.flatten(1).sum(1).tolist()
-        families.append(_score("patch", candidates, sizes, triggers, classifier, images, device, s, t0,
-                               ratio=s.patch_ratio if size_prior else 0.0))
+        families.append(_score("patch", candidates, sizes, triggers, classifier, images, device, s, t0))
     if "perturbation" in s.families:
         t0 = time.perf_counter()
         deltas, _ = _invert_perturbation(classifier, images.images, images.labels, candidates,
@@ -489,17 +470,8 @@ def _top_index(families: Sequence[FamilyResult]) -> float:
     return top
 
 
-def _min_patch_ratio(families: Sequence[FamilyResult]) -> float:
-    """The smallest patch mask over the median class's (1.0 without a patch family)."""
-    for fam in families:
-        if fam.family == "patch" and fam.sizes:
-            median = sorted(fam.sizes)[len(fam.sizes) // 2]
-            return min(fam.sizes) / median if median > 0 else 1.0
-    return 1.0
-
-
 def _score(family: str, classes: list[int], sizes: list[float], triggers: dict[int, Trigger], classifier: nn.Module,
-           images: ImageSet, device: torch.device, s: DetectSettings, t0: float, ratio: float = 0.0) -> FamilyResult:
+           images: ImageSet, device: torch.device, s: DetectSettings, t0: float) -> FamilyResult:
     # The success check only screens out triggers that never worked (>= 0.5 below): 256 images
     # measure that to +-6 points, at a third of the cost of the whole tuning set on the sample model.
     probe = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:256]
@@ -509,12 +481,6 @@ def _score(family: str, classes: list[int], sizes: list[float], triggers: dict[i
     # its size but never flag it (its "small size" only says the optimiser gave up).
     threshold = s.patch_threshold if family == "patch" else s.perturbation_threshold
     index, flagged = score_classes(classes, sizes, "log", threshold)
-    if ratio > 0 and sizes:
-        median = sorted(sizes)[len(sizes) // 2]
-        # NC's own index threshold as well: the shipped encoder-clean sample's class 8 has a small
-        # refined mask (0.18 x the median) at index 1.8; the 2x2 dot 0.14 x at index 2.7.
-        flagged = sorted(set(flagged) | {c for c, size, i in zip(classes, sizes, index.tolist(), strict=True)
-                                         if size <= ratio * median and i >= s.refine_above})
     flagged = [c for c in flagged if success[classes.index(c)] >= 0.5]
     return FamilyResult(family=family, classes=classes, sizes=sizes, attack_success=success,
                         anomaly_index=index.tolist(), flagged=flagged, triggers=triggers,
