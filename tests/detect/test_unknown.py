@@ -174,9 +174,7 @@ class _Templates(nn.Module):
         logits = -(x[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
         boost = torch.zeros_like(logits)
         background = x[:, :, :3, :3].mean((1, 2, 3))  # a corner digits never reach
-        if self.shortcut == "dot":  # a 2x2 dot, lower left
-            boost[:, 3] = 200 * (x[:, :, 20:22, 6:8].mean((1, 2, 3)) - 0.5).clamp_min(0)
-        elif self.shortcut == "filter":  # any lifted background: a brightness filter learnt as a trigger
+        if self.shortcut == "filter":  # any lifted background: a brightness filter learnt as a trigger
             boost[:, 3] = 1000 * (background - 0.05).clamp_min(0)
         elif self.shortcut == "collapse":  # only the strongest brightening: what weak clean models do
             boost[:, 0] = 1000 * (background - 0.35).clamp_min(0)
