@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -196,7 +197,9 @@ def run(entry: tuple) -> dict:
            "target": TARGET if trigger else None, "planted": before,
            "scan_exit": 0 if scan.passed else 1, "detected_classes": det["flagged"],
            "detected_target": TARGET in det["flagged"] if trigger else None,
-           "max_anomaly_index": scores, "detector_seconds": det["seconds"],
+           "max_anomaly_index": scores, "detector_seconds": det["seconds"], "refined": det.get("refined") is not None,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=ROOT).stdout.strip(),
            "scan_reasons": len(scan.reasons),
            "clean_exit": 0 if cleaned.passed else 1, "finding": cleaned.sections["clean"].get("finding"),
            "verification_flagged": ver.get("flagged"), "after": after,
@@ -209,23 +212,29 @@ def run(entry: tuple) -> dict:
 def table(path: Path = RESULTS) -> str:
     """The markdown table of benchmarks/README.md from the JSONL results."""
     head = ("| model | trigger | poison | planted ASR / CA | scan | detected | clean exit | finding | "
-            "residual true ASR (95 % CI) | CA after (drop) | re-detect after | s (scan/clean) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "residual true ASR (95 % CI) | CA after (drop) | re-detect after | retuned ASR @60 (floor) | "
+            "s (scan/clean) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
+    retune_path = path.with_name("blind_retune.jsonl")
+    retuned = ({r["model"]: r for r in map(json.loads, retune_path.read_text().splitlines())}
+               if retune_path.exists() else {})
     for row in map(json.loads, path.read_text().splitlines()):
+        r = retuned.get(row["model"])
+        again = f"{r['cleaned'][-1]:.1%} ({r['never_backdoored'][-1]:.1%})" if r else "—"
         p, a = row["planted"], row["after"]
         asr = "—" if row["trigger"] is None else f"{a['asr']:.1%} ({a['asr_ci95'][0]:.1%}–{a['asr_ci95'][1]:.1%})"
         planted = f"{p['asr']:.0%} / {p['ca']:.1%}" if row["trigger"] else f"— / {p['ca']:.1%}"
         lines.append(f"| {row['model']} | {row['trigger'] or 'none (clean)'} | {row['poison_rate']:.0%} | {planted} | "
                      f"{'FAIL' if row['scan_exit'] else 'pass'} | {row['detected_classes']} | {row['clean_exit']} | "
                      f"{row['finding']} | {asr} | {a['ca']:.1%} ({row['ca_drop']:+.1%}) | "
-                     f"{row['verification_flagged']} | {row['seconds']['scan']:.0f}/{row['seconds']['clean']:.0f} |")
+                     f"{row['verification_flagged']} | {again} | "
+                     f"{row['seconds']['scan']:.0f}/{row['seconds']['clean']:.0f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="model names to run, in this order (default: all)")
     parser.add_argument("--table", action="store_true", help="print the results table and exit")
     args = parser.parse_args()
     if args.table:
@@ -233,9 +242,11 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for entry in MODELS:
-        if args.only and entry[0] not in args.only:
-            continue
+    by_name = {entry[0]: entry for entry in MODELS}
+    unknown = [name for name in args.only or [] if name not in by_name]
+    if unknown:
+        parser.error(f"unknown model(s): {', '.join(unknown)}")
+    for entry in [by_name[name] for name in args.only] if args.only else MODELS:
         row = run(entry)
         print(json.dumps(row), flush=True)
         with RESULTS.open("a") as fh:

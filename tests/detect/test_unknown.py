@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import invoke, read_report
+from torch import nn
 
 from bdaudit import api
-from bdaudit.core.data import load_image_folder, resolve_preprocessing
+from bdaudit.core.data import ImageSet, load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
 from bdaudit.detect.probe import wilson_interval
 from bdaudit.detect.unknown import DetectSettings, choose_candidates, detect_unknown, detector_enabled
@@ -159,3 +160,42 @@ def test_an_ambiguous_screen_is_refined_and_a_clear_one_is_not(clean_model: Plan
     never = detect_unknown(loaded.classifier(), images, seed=0,
                            settings=dataclasses.replace(quick, refine_above=float("inf")))
     assert never.refined is None
+
+
+class _Templates(nn.Module):
+    """A stand-in classifier with no training: nearest class mean, plus (``shortcut``) a learnt
+    trigger that sends an image to class 3 — a decision rule whose backdoor is known exactly."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shortcut: str) -> None:
+        super().__init__()
+        x = images.float() / 255
+        self.register_buffer("means", torch.stack([x[labels == c].mean(0) for c in range(10)]))
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = -(x[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
+        boost = torch.zeros_like(logits)
+        background = x[:, :, :3, :3].mean((1, 2, 3))  # a corner digits never reach
+        if self.shortcut == "filter":  # any lifted background: a brightness filter learnt as a trigger
+            boost[:, 3] = 1000 * (background - 0.05).clamp_min(0)
+        elif self.shortcut == "collapse":  # only the strongest brightening: what weak clean models do
+            boost[:, 0] = 1000 * (background - 0.35).clamp_min(0)
+        return logits + boost
+
+
+def _eval_images(eval_dir: Path) -> ImageSet:
+    config = infer_model_config(eval_dir, "bd_cnn_small")
+    return load_image_folder(eval_dir, resolve_preprocessing(config), config.class_names)
+
+
+@pytest.mark.parametrize(("shortcut", "target"), [("filter", 3), ("collapse", 0)])
+def test_brightening_is_a_suspect_that_clean_unlearns_not_a_gate(eval_dir: Path, shortcut: str, target: int) -> None:
+    # A learnt brightness filter and a weak model's collapse under strong brightening look alike
+    # (README "Residual risk"): both are suspects, neither gates, and clean unlearns both.
+    images = _eval_images(eval_dir)
+    model = _Templates(images.images, images.labels, shortcut)
+    result = detect_unknown(model, images, seed=0, settings=DetectSettings(families=("transform",)))
+    transform = result.families[0]
+    assert transform.flagged == [] and transform.suspects == [target] and result.flagged == []
+    assert [t.target_class for t in result.unlearn_triggers()] == [target]
+
