@@ -332,7 +332,7 @@ CASES: list[object] = [
     pytest.param(clean("--method", "ft", "--epochs", str(10**20)), "--epochs", id="clean-epochs-huge"),
     pytest.param(clean("--method", "sft", "--show-schedule", "--epochs", "100000000"), "--epochs",
                  id="show-schedule-epochs-huge"),
-    pytest.param(clean("--method", "ft", "--set", f"min_steps={10**15}"), "--min-steps", id="clean-min-steps-huge"),
+    pytest.param(clean("--method", "ft", "--set", f"min_steps={10**15}"), "`min_steps`", id="clean-min-steps-huge"),
     pytest.param(clean("--method", "nosuch"), "unknown method", id="clean-method-unknown"),
     pytest.param(clean("--set", "epochs"), "KEY=VALUE", id="clean-set-no-value"),
     pytest.param(clean("--method", "ft", "--set", "epochs=abc"), "bad setting", id="clean-set-wrong-type"),

@@ -99,6 +99,7 @@ def test_predictor_never_touches_the_input_model() -> None:
 
 def test_batch_size_is_measured_once_per_model_and_device(monkeypatch) -> None:
     monkeypatch.setattr(predict_mod, "_MEASURED", {})
+    monkeypatch.setattr(predict_mod, "MEASURE_CPU", True)
     monkeypatch.setattr(predict_mod, "BATCH_LADDER", (8, 8, 16, 32))
     torch.manual_seed(0)
     net = _with_stats(Branchy())
@@ -111,6 +112,15 @@ def test_batch_size_is_measured_once_per_model_and_device(monkeypatch) -> None:
     fixed = Predictor(net, CPU, batch_size=7).labels(_images(200), [None, lambda x: 1 - x])
     assert all(torch.equal(a, b) for a, b in zip(labels, fixed, strict=True))
     assert Predictor(net, CPU)._next_size(_images(4), 4) == (chosen, False)
+
+
+def test_cpu_batch_size_is_fixed_not_timed(monkeypatch) -> None:
+    # Timing-chosen sizes would tie CPU results to the machine's load: the CPU gets a fixed size.
+    monkeypatch.setattr(predict_mod, "_MEASURED", {})
+    predictor = Predictor(_with_stats(Branchy()), CPU)
+    predictor.labels(_images(200))
+    assert predict_mod._MEASURED == {} and predictor._trials == []
+    assert predictor._next_size(_images(4), 4) == (predict_mod.CPU_BATCH, False)
 
 
 def test_logits_match_the_model() -> None:

@@ -152,7 +152,7 @@ def clean(
 
     options = api.CleanOptions(method, {**parse_settings(set_), **tune_flags.settings()}, scope, unlearn_fraction,
                                None if no_sequela else sequela_flags.options(), history)
-    runtime = api.Runtime(device, 256, seed)
+    runtime = api.Runtime(device, None, seed)
     data_options = api.DataOptions(data, eval_data, holdout)
     if show_schedule:
         if batch:

@@ -9,12 +9,12 @@ import typer
 from bdaudit.cli.app import app, consoles, finish, guard_outputs, guarded, require_inputs, trigger_inputs
 from bdaudit.cli.batch import ExecutorName, ModelPaths, RayAddress, ReportDir, one_report_only, run_batch, wants_batch
 from bdaudit.cli.options import (
-    BatchSize,
     ConfigFile,
     DataDir,
     Debug,
     Detect,
     Device,
+    EvalBatchSize,
     EvalDir,
     GateFlags,
     Holdout,
@@ -50,7 +50,7 @@ def scan(
     detect: Detect = "auto",
     model_flags: ModelFlags = ModelFlags(),
     device: Device = "auto",
-    batch_size: BatchSize = 256,
+    batch_size: EvalBatchSize = None,
     seed: Seed = 0,
     config: ConfigFile = None,
     json_out: JsonOut = None,

@@ -55,5 +55,5 @@ def sequela(
 
     report = api.sequela(model_flags.options(model), api.DataOptions(data, eval_data, holdout), original=original,
                          options=sequela_flags.options(), probe=api.ProbeOptions(trigger or (), target=target),
-                         runtime=api.Runtime(device, 256, seed))
+                         runtime=api.Runtime(device, None, seed))
     finish(report, json_out, console, show, html_out=html)

@@ -52,6 +52,9 @@ ModelConfigFile = Annotated[Path | None, typer.Option("--model-config", help="YA
                                                       rich_help_panel="Model")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.", rich_help_panel="Runtime")]
 BatchSize = Annotated[int, typer.Option(help="Batch size.", rich_help_panel="Runtime")]
+EvalBatchSize = Annotated[int | None, typer.Option(
+    "--batch-size", help="Evaluation batch size (default: measured per model and device).",
+    rich_help_panel="Runtime")]
 Seed = Annotated[int, typer.Option(help="Seed for every random choice.", rich_help_panel="Runtime")]
 JsonOut = Annotated[str | None, typer.Option("--json", help="Write the JSON report here (- for stdout).",
                                              rich_help_panel="Output")]

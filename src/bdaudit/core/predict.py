@@ -26,6 +26,8 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 # Tried in this order on the first batches of a run whose batch size was not given: the first is
 # an untimed warm-up (kernel selection, allocator), then one timed batch per candidate.
 BATCH_LADDER = (64, 64, 256, 1024)
+CPU_BATCH = 256
+MEASURE_CPU = False  # tests turn measurement on for the CPU
 ACTIVATION_BUDGET = 2**24  # largest batch x input values tried (3x64x64 RGB: 1024; 3x224x224: 111)
 _MEASURED: dict[tuple[str, int, tuple[int, ...], str], int] = {}
 
@@ -162,6 +164,10 @@ class Predictor:
         """The next batch size and whether to time it."""
         if self.batch_size is not None:
             return self.batch_size, False
+        if self.device.type == "cpu" and not MEASURE_CPU:
+            # A size picked by timing would make CPU results depend on the machine's load (batched
+            # kernels may round differently); CPU numbers must be reproducible, so the size is fixed.
+            return CPU_BATCH, False
         key = _model_key(self._source, images, self.device)
         if key in _MEASURED:
             return _MEASURED[key], False

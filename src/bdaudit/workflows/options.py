@@ -18,14 +18,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how to compute: shared by every command."""
+    """Where and how to compute: shared by every command. ``batch_size`` None: evaluation batches
+    are sized by measurement per model and device (``core.predict``); planting trains at 128."""
 
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise BdauditError(f"`batch_size` must be at least 1, not {self.batch_size}")
 
 

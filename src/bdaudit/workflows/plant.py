@@ -20,6 +20,7 @@ from bdaudit.planting.plant import plant as plant_standalone
 from bdaudit.workflows.options import DataOptions, OutputOptions, Runtime
 
 PARADIGMS = ("standalone", "transfer", "encoder")
+PLANT_BATCH = 128  # training batch when the runtime leaves it open
 
 # (phase, epoch, epochs, loss): phase is "" for supervised training, epochs None when unknown.
 PlantProgress = Callable[[str, int, "int | None", float], None]
@@ -86,7 +87,7 @@ def plant_model(data: DataOptions, output: OutputOptions, options: PlantOptions,
     common = PlantRun(eval_dir=data.eval_path, holdout=data.holdout, seed=runtime.seed, device=runtime.device,
                       force=output.force, half=options.half)
     choice = AttackChoice(options.attack, options.target, options.poison_rate, options.trigger_params)
-    settings = options.train_settings(runtime.batch_size)
+    settings = options.train_settings(runtime.batch_size or PLANT_BATCH)
     if options.paradigm == "encoder":
         spec = options.attack
         if options.trigger_params:
