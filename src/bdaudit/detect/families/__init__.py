@@ -1,6 +1,7 @@
 """The unknown-trigger detector's families, registered in the order they run and are reported.
 
-Adding one: a module with a ``DetectorFamily`` subclass, and one ``register_family`` line below.
+Adding one: a module with a ``DetectorFamily`` subclass (``InvertingFamily`` for one that reverses a
+trigger per candidate class and is judged by its size), and one ``register_family`` line below.
 """
 
 from bdaudit.detect.families import patch, perturbation, transform
@@ -9,6 +10,7 @@ from bdaudit.detect.families.base import (
     DetectorFamily,
     FamilyJob,
     FamilyResult,
+    InvertingFamily,
     family_names,
     register_family,
     score_inverted,
@@ -18,5 +20,5 @@ register_family(patch.PatchFamily())
 register_family(perturbation.PerturbationFamily())
 register_family(transform.TransformFamily())
 
-__all__ = ["DETECTOR_FAMILIES", "DetectorFamily", "FamilyJob", "FamilyResult", "family_names", "register_family",
-           "score_inverted"]
+__all__ = ["DETECTOR_FAMILIES", "DetectorFamily", "FamilyJob", "FamilyResult", "InvertingFamily", "family_names",
+           "register_family", "score_inverted"]

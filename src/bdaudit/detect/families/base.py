@@ -1,9 +1,10 @@
 """What a family of the unknown-trigger detector is, and the registry ``detect_unknown`` iterates.
 
 A family is one way of searching for a trigger no library holds. A *per-candidate* family
-(``patch``, ``perturbation``) reverses a trigger for each candidate class inside the detector's
-screen -> refine loop, at the loop's step budget, and is scored with Neural Cleanse's MAD rule
-(``score_inverted``); a *whole-grid* family (``transform``) runs once, over every class, after it.
+(``patch``, ``perturbation``: an ``InvertingFamily``) reverses a trigger for each candidate class
+inside the detector's screen -> refine loop, at the loop's step budget, and is scored with Neural
+Cleanse's MAD rule (``score_inverted``); a *whole-grid* family (``transform``) runs once, over
+every class, after that loop.
 Adding a family is one module with a ``DetectorFamily`` subclass plus one ``register_family`` line
 in ``bdaudit/detect/families/__init__.py``.
 """
@@ -82,6 +83,23 @@ class DetectorFamily(ABC):
     @abstractmethod
     def run(self, job: FamilyJob) -> FamilyResult:
         """Search, score and flag (per-candidate families: ``score_inverted``)."""
+
+
+class InvertingFamily(DetectorFamily):
+    """A per-candidate family that reverses one trigger per class and is judged by their sizes."""
+
+    @abstractmethod
+    def invert(self, job: FamilyJob) -> tuple[list[float], dict[int, Trigger]]:
+        """Each candidate's trigger size (in ``size_unit``) and trigger."""
+
+    @abstractmethod
+    def threshold(self, settings: DetectSettings) -> float:
+        """The log MAD anomaly index above which a below-median class is flagged."""
+
+    def run(self, job: FamilyJob) -> FamilyResult:
+        started = time.perf_counter()
+        sizes, triggers = self.invert(job)
+        return score_inverted(self, job, sizes, triggers, self.threshold(job.settings), started)
 
 
 DETECTOR_FAMILIES: dict[str, DetectorFamily] = {}  # in registration order: the order they run and report

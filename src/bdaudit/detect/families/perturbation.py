@@ -8,16 +8,18 @@ affords.)"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from bdaudit.detect.families.base import DetectorFamily, FamilyJob, FamilyResult, score_inverted
+from bdaudit.detect.families.base import FamilyJob, InvertingFamily
 from bdaudit.detect.inversion import InversionSettings, _adaptive_search, _Search
 from bdaudit.triggers.base import Trigger
+
+if TYPE_CHECKING:
+    from bdaudit.detect.unknown import DetectSettings
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,17 +69,18 @@ def invert_perturbation(classifier: nn.Module, images: torch.Tensor, labels: tor
     return best, costs
 
 
-class PerturbationFamily(DetectorFamily):
+class PerturbationFamily(InvertingFamily):
     name: ClassVar[str] = "perturbation"
     size_unit: ClassVar[str] = "L2 norm"
 
-    def run(self, job: FamilyJob) -> FamilyResult:
-        started = time.perf_counter()
-        s, candidates = job.settings, job.classes
-        nc = InversionSettings(steps=job.steps, batch_size=s.batch_size, init_cost=1e-2, patience=2, check_every=5)
-        deltas, _ = invert_perturbation(job.classifier, job.images.images, job.images.labels, candidates, nc,
-                                        s.perturbation_lr, job.device, job.gen)
+    def threshold(self, settings: DetectSettings) -> float:
+        return settings.perturbation_threshold
+
+    def invert(self, job: FamilyJob) -> tuple[list[float], dict[int, Trigger]]:
+        nc = InversionSettings(steps=job.steps, batch_size=job.settings.batch_size, init_cost=1e-2, patience=2,
+                               check_every=5)
+        deltas, _ = invert_perturbation(job.classifier, job.images.images, job.images.labels, job.classes, nc,
+                                        job.settings.perturbation_lr, job.device, job.gen)
         triggers: dict[int, Trigger] = {c: PerturbationTrigger(delta=deltas[i].clone(), target_class=c)
-                                        for i, c in enumerate(candidates)}
-        sizes = deltas.flatten(1).norm(dim=1).tolist()
-        return score_inverted(self, job, sizes, triggers, s.perturbation_threshold, started)
+                                        for i, c in enumerate(job.classes)}
+        return deltas.flatten(1).norm(dim=1).tolist(), triggers
