@@ -47,7 +47,7 @@ below 1.3 on both, across seeds and budgets.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -257,6 +257,67 @@ class _CostSchedule:
                 self.cost[i] /= s.cost_multiplier ** 1.5
 
 
+@dataclass
+class _Search:
+    """One adaptive-cost trigger search: ``stamp`` maps a clean batch (B, C, H, W) to the K stamped
+    batches (K, B, C, H, W), each trigger's size (K,) and the tensors kept when a trigger is the best
+    so far; ``current`` gives those tensors as they stand (the start, and the fallback of a class that
+    never succeeded)."""
+
+    optimizer: torch.optim.Optimizer
+    stamp: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]]
+    current: Callable[[], tuple[torch.Tensor, ...]]
+
+
+def _adaptive_search(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: list[int],
+                     s: InversionSettings, device: torch.device, gen: torch.Generator, search: _Search,
+                     ) -> tuple[tuple[torch.Tensor, ...], list[float]]:
+    """Neural Cleanse's loop, shared by its patch and the detector's universal perturbation:
+    minimise CE + cost * size for every target at once, adapting each cost, and keep the smallest
+    trigger seen while it succeeded."""
+    k = len(targets)
+    target_t = torch.tensor(targets, device=device)
+    schedule = _CostSchedule(k, s)
+    best_size = torch.full((k,), float("inf"))
+    best = tuple(t.clone() for t in search.current())
+    hits = torch.zeros(k, device=device)
+    counted = torch.zeros(k, device=device)
+    for step in range(s.steps):
+        index = torch.randint(0, len(images), (s.batch_size,), generator=gen)
+        x, y = to_float(images[index], device), labels[index].to(device)
+        stamped, size, kept = search.stamp(x)
+        logits = classifier(stamped.flatten(0, 1).contiguous(memory_format=torch.channels_last)).view(k, len(index), -1)
+        keep = (y[None] != target_t[:, None]).float()  # (K, B): images not already of the target
+        ce = F.cross_entropy(logits.flatten(0, 1), target_t.repeat_interleave(len(index)),
+                             reduction="none").view(k, -1)
+        ce = (ce * keep).sum(1) / keep.sum(1).clamp_min(1)
+        loss = (ce + torch.tensor(schedule.cost, device=device) * size).sum()
+        search.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        search.optimizer.step()
+        with torch.no_grad():
+            hits += ((logits.argmax(-1) == target_t[:, None]).float() * keep).sum(1)
+            counted += keep.sum(1)
+        if (step + 1) % s.check_every == 0 or step + 1 == s.steps:
+            success = (hits / counted.clamp_min(1)).cpu()
+            sizes = size.detach().cpu()
+            better = (success >= s.success_threshold) & (sizes < best_size)
+            if better.any():
+                best_size = torch.where(better, sizes, best_size)
+                # ``kept`` read after the step: a parameter kept as is has moved, a derived tensor not.
+                for slot, tensor in zip(best, kept, strict=True):
+                    slot[better] = tensor.detach().cpu()[better]
+            schedule.update(success.tolist())
+            hits.zero_()
+            counted.zero_()
+    # A class that never reached the threshold keeps its last trigger (as NC's visualizer does).
+    never = torch.isinf(best_size)
+    if never.any():
+        for slot, tensor in zip(best, search.current(), strict=True):
+            slot[never] = tensor[never]
+    return best, list(schedule.cost)
+
+
 def _invert_group(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: list[int],
                   s: InversionSettings, device: torch.device, gen: torch.Generator,
                   ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
@@ -265,50 +326,19 @@ def _invert_group(classifier: nn.Module, images: torch.Tensor, labels: torch.Ten
     _, c, h, w = images.shape
     mask_raw = _from_unit(torch.rand(k, 1, h, w, generator=gen)).to(device).requires_grad_(True)
     pattern_raw = _from_unit(torch.rand(k, c, h, w, generator=gen)).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=s.lr, betas=(0.5, 0.9))
-    target_t = torch.tensor(targets, device=device)
-    schedule = _CostSchedule(k, s)
-    best_norm = torch.full((k,), float("inf"))
-    best_mask = _to_unit(mask_raw.detach()).cpu()
-    best_pattern = _to_unit(pattern_raw.detach()).cpu()
-    hits = torch.zeros(k, device=device)
-    counted = torch.zeros(k, device=device)
-    for step in range(s.steps):
-        index = torch.randint(0, len(images), (s.batch_size,), generator=gen)
-        x, y = to_float(images[index], device), labels[index].to(device)
+
+    def stamp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         mask, pattern = _to_unit(mask_raw), _to_unit(pattern_raw)
         stamped = (1 - mask[:, None]) * x[None] + (mask * pattern)[:, None]  # (K, B, C, H, W)
-        batch = stamped.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        logits = classifier(batch).view(k, len(index), -1)
-        keep = (y[None] != target_t[:, None]).float()  # (K, B): images not already of the target
-        ce = F.cross_entropy(logits.flatten(0, 1), target_t.repeat_interleave(len(index)),
-                             reduction="none").view(k, -1)
-        ce = (ce * keep).sum(1) / keep.sum(1).clamp_min(1)
-        l1 = mask.flatten(1).sum(1)
-        loss = (ce + torch.tensor(schedule.cost, device=device) * l1).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            hits += ((logits.argmax(-1) == target_t[:, None]).float() * keep).sum(1)
-            counted += keep.sum(1)
-        if (step + 1) % s.check_every == 0 or step + 1 == s.steps:
-            success = (hits / counted.clamp_min(1)).cpu()
-            norms = l1.detach().cpu()
-            better = (success >= s.success_threshold) & (norms < best_norm)
-            if better.any():
-                best_norm = torch.where(better, norms, best_norm)
-                best_mask[better] = mask.detach().cpu()[better]
-                best_pattern[better] = pattern.detach().cpu()[better]
-            schedule.update(success.tolist())
-            hits.zero_()
-            counted.zero_()
-    # A class that never reached the threshold keeps its last trigger (as NC's visualizer does).
-    never = torch.isinf(best_norm)
-    if never.any():
-        best_mask[never] = _to_unit(mask_raw.detach()).cpu()[never]
-        best_pattern[never] = _to_unit(pattern_raw.detach()).cpu()[never]
-    return best_mask, best_pattern, list(schedule.cost)
+        return stamped, mask.flatten(1).sum(1), (mask, pattern)
+
+    def current() -> tuple[torch.Tensor, ...]:
+        return _to_unit(mask_raw.detach()).cpu(), _to_unit(pattern_raw.detach()).cpu()
+
+    optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=s.lr, betas=(0.5, 0.9))
+    (best_mask, best_pattern), costs = _adaptive_search(classifier, images, labels, targets, s, device, gen,
+                                                        _Search(optimizer, stamp, current))
+    return best_mask, best_pattern, costs
 
 
 def trigger_success(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,

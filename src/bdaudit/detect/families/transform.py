@@ -1,0 +1,124 @@
+"""``transform``: no optimisation; a fixed grid of mild affine and colour transforms
+(``TRANSFORM_GRID``) is tried on ``transform_images`` (256) clean images, and a class that one of
+them sends >= ``transform_asr`` (80 %) of other classes' images to is flagged. A contrast/brightness
+filter is large in L2 (0.3 on every pixel) and invisible to ``perturbation``; brightening only
+makes *suspects* (see ``TransformFamily.run``)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from bdaudit.core.data import to_float
+from bdaudit.detect.families.base import DetectorFamily, FamilyJob, FamilyResult
+from bdaudit.triggers.base import Trigger
+
+
+def _intensity(x: torch.Tensor, gain: tuple[float, ...], bias: float) -> torch.Tensor:
+    g = torch.tensor(gain, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * (g if x.shape[1] == len(gain) else g.mean()) + bias).clamp(0, 1)
+
+
+def _geometric(x: torch.Tensor, degrees: float, scale: float, shift: tuple[float, float]) -> torch.Tensor:
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a) / scale, -math.sin(a) / scale, shift[0]],
+                          [math.sin(a) / scale, math.cos(a) / scale, shift[1]]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+# Whole-image transforms a colour-filter or geometric trigger may be (or be near): few parameters,
+# so no class is "reachable" by one of them unless the model learnt it as a shortcut. Mild enough that
+# a clean model keeps most of its accuracy (contrast at least 0.5, rotations at most 25 degrees).
+TRANSFORM_GRID: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # Strokes stay at >= 0.75 brightness: dimmer, a digit fades into its background and a clean model
+    # answers "blank" with one class (measured: 94 % to '1' at gain 0.5, bias -0.2).
+    *(("intensity", ((g, g, g), b)) for g in (0.5, 0.7, 0.85) for b in (-0.1, 0.1, 0.25, 0.4)
+      if 0.75 <= g + b <= 1.25),
+    *(("intensity", (gain, 0.0)) for gain in ((1.0, 0.8, 0.6), (0.6, 0.8, 1.0), (1.0, 0.6, 1.0), (0.7, 1.0, 0.7))),
+    *(("geometric", (d, 1.0, (0.0, 0.0))) for d in (-25, -15, 15, 25)),
+    *(("geometric", (d, 1.0, (0.1, -0.1))) for d in (-15, 15)),
+    *(("geometric", (0, s, (0.0, 0.0))) for s in (0.8, 1.2)),
+    *(("geometric", (0, 1.0, sh)) for sh in ((0.15, 0.0), (-0.15, 0.0), (0.0, 0.15), (0.0, -0.15))),
+)
+
+
+@dataclass(frozen=True, eq=False)
+class TransformTrigger(Trigger):
+    """A whole-image transform from ``TRANSFORM_GRID`` that sends clean images to one class; ``null``
+    is seeded noise of the same mean L2 change (as much change, no structure)."""
+
+    name = "inverted_transform"
+    paper = "bdaudit unknown-trigger detector (transform-family search)"
+    summary = "intensity/colour filter or affine transform that acts as a trigger"
+    in_default_library = False
+
+    kind: str = "intensity"
+    params_: tuple[Any, ...] = ()
+    target_class: int = -1
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return _intensity(x, *self.params_) if self.kind == "intensity" else _geometric(x, *self.params_)
+
+    def null(self, x: torch.Tensor) -> torch.Tensor:
+        change = (self.apply(x) - x).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1234)).to(x.device, x.dtype)
+        noise = noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1).clamp_min(1e-12)
+        return (x + noise * change).clamp(0, 1)
+
+    @property
+    def gating(self) -> bool:
+        return not (self.kind == "intensity" and self.params_[1] > 0)
+
+    def spec(self) -> str:
+        return f"{self.name}:target={self.target_class},{self.kind}={self.params_}"
+
+
+class TransformFamily(DetectorFamily):
+    name: ClassVar[str] = "transform"
+    size_unit: ClassVar[str] = "1 - best share of other classes' images sent to the class by a grid transform"
+    per_candidate: ClassVar[bool] = False
+
+    @torch.no_grad()
+    def run(self, job: FamilyJob) -> FamilyResult:
+        """Try each grid transform on a sample of clean images; per class, the transform that sends the
+        largest share of other classes' images to it.
+
+        Geometric and pure-gain transforms gate (flagged). Brightening transforms (a positive bias) only
+        make *suspects*: a weak clean model can answer every brightened image with one class (measured:
+        the tests' under-trained tiny CNN sends 99 % to '0' at +0.2), exactly as a filter backdoor does,
+        so they cannot gate without false alarms. ``clean`` still probes and unlearns suspects (tuning on
+        brightened images with their true labels costs a clean model nothing); README "Residual risk".
+        """
+        started = time.perf_counter()
+        s, classifier, num_classes = job.settings, job.classifier, len(job.classes)
+        images, labels = job.images.images, job.images.labels
+        pick = torch.randperm(len(images), generator=job.gen)[:s.transform_images]
+        x_all, y_all = to_float(images[pick], job.device), labels[pick]
+        best = [0.0] * num_classes
+        found: dict[int, TransformTrigger] = {}
+        for kind, params in TRANSFORM_GRID:
+            trig = TransformTrigger(kind=kind, params_=params)
+            preds = torch.cat([classifier(trig.apply(x_all[i:i + 256])).argmax(1).cpu()
+                               for i in range(0, len(x_all), 256)])
+            for c in range(num_classes):
+                keep = y_all != c
+                rate = float((preds[keep] == c).float().mean()) if keep.any() else 0.0
+                gating = not (kind == "intensity" and params[1] > 0)
+                # A gating transform wins ties: it decides whether the class is flagged.
+                if rate > best[c] or (rate == best[c] and gating and c in found and not found[c].gating):
+                    best[c] = rate
+                    found[c] = TransformTrigger(kind=kind, params_=params, target_class=c)
+        classes = list(range(num_classes))
+        over = [c for c in classes if best[c] >= s.transform_asr]
+        flagged = [c for c in over if found[c].gating]
+        return FamilyResult(family=self.name, classes=classes, sizes=[1 - b for b in best], attack_success=best,
+                            anomaly_index=[float("nan")] * num_classes, flagged=flagged,
+                            triggers={c: found[c] for c in over}, seconds=time.perf_counter() - started,
+                            suspects=[c for c in over if c not in flagged], size_unit=self.size_unit,
+                            extras={c: {"transform": found[c].spec().split(",", 1)[1]} for c in over})
