@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,16 @@ def test_planted_subjects_are_planted_once_then_reused(train_dir: Path, eval_dir
     again = api.plant_subjects(api.DataOptions(train_dir, eval_dir), ["badnets"], tmp_path, options, runtime,
                                on_plant=planted.append)
     assert planted == ["badnets"] and again == first
+
+
+def test_a_defense_revision_recomputes_its_cached_cells(bench_run: tuple, manifest: Path, clean_dir: Path,
+                                                        eval_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    # A fix that changes what a defense does (nc's min_steps) must not be answered from old cells.
+    from bdaudit.defenses import DEFENSES
+
+    out = tmp_path / "out"
+    shutil.copytree(bench_run[1], out)
+    assert rerun_with(out, manifest, clean_dir, eval_dir, "ft")["reused"] == 1
+    monkeypatch.setattr(DEFENSES["ft"], "revision", 1)
+    report = rerun_with(out, manifest, clean_dir, eval_dir, "ft")
+    assert report["computed"] == 1 and report["reused"] == 0

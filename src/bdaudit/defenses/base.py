@@ -113,6 +113,9 @@ class Defense:
     paper: ClassVar[str] = ""
     needs: ClassVar[str] = "clean labelled data"
     settings_cls: ClassVar[type] = object
+    # Bumped when a fix changes what the defense does under unchanged settings, so bench cache cells
+    # computed before it are recomputed (0 leaves every existing key as it was).
+    revision: ClassVar[int] = 0
 
     def __init__(self, settings: Any = None) -> None:
         self.settings = settings if settings is not None else self.settings_cls()

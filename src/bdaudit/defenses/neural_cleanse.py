@@ -77,6 +77,7 @@ class NCSettings(TuneSettings):
 @register_defense
 class NeuralCleanse(Defense):
     name = "nc"
+    revision = 1  # unlearning now honours min_steps (it was silently ignored)
     paper = ("Wang et al. 2019, Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural "
              "Networks (IEEE S&P)")
     needs = "clean labelled data; no known trigger or target (a patch-like trigger is reversed per class)"

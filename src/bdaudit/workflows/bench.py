@@ -361,6 +361,8 @@ def run_bench(subjects: Sequence[Subject], clean_data: Path, eval_data: Path, pl
                          "version": __version__}
                 # Only non-default options enter the key, so cells from before each option stay valid.
                 parts.update({k: v for k, v in options.items() if v != CLEAN_OPTIONS[k]})
+                if DEFENSES[base].revision:
+                    parts["revision"] = DEFENSES[base].revision
                 key = cell_key(parts)
                 if key in cache:
                     rows.append({**cache[key], "model": subject.name, "method": method})
