@@ -8,7 +8,7 @@ import torch
 
 from bdaudit.core.data import load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
-from bdaudit.detect.probe import Gates, ProbeSettings, evaluate_triggers, look_schedule
+from bdaudit.detect.probe import Gates, ProbeSettings, evaluate_triggers, look_schedule, paired_difference_interval
 from bdaudit.models.checkpoint import load_model
 from bdaudit.planting.plant import PlantResult
 from bdaudit.triggers import default_triggers, parse_trigger
@@ -74,3 +74,35 @@ def test_probe_options_are_checked() -> None:
         ProbeSettings(confidence=1.0)
     assert look_schedule(600, 64) == [64, 128, 256, 512, 600]
     assert look_schedule(50, 64) == [50]
+
+
+def _paired(n: int, lost: int, gained: int, wrong_both: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outcomes of n items scored twice: ``lost`` right then wrong, ``gained`` wrong then right."""
+    before = torch.ones(n, dtype=torch.bool)
+    after = torch.ones(n, dtype=torch.bool)
+    after[:lost] = False
+    before[lost:lost + gained] = False
+    before[lost + gained:lost + gained + wrong_both] = False
+    after[lost + gained:lost + gained + wrong_both] = False
+    return before, after
+
+
+def test_paired_interval_is_tight_when_nothing_changes_and_honest_on_few_images() -> None:
+    low, high = paired_difference_interval(*_paired(600, 0, 0, 30))
+    assert low <= 0.0 <= high and high - low < 0.015  # the same predictions: no accuracy lost
+    low, high = paired_difference_interval(*_paired(80, 2, 0, 3))  # 2 of 80 images: a 2.5-point drop
+    assert low < 0.02 < 0.025 < high  # cannot tell it from a 2-point gate
+    low, high = paired_difference_interval(*_paired(600, 60, 0, 20))
+    assert 0.07 < low < 0.10 < high < 0.13  # 10 points lost on 600 images is clearly lost
+
+
+def test_paired_interval_covers_the_true_difference_about_95_percent_of_the_time() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, covered, runs = 200, 0, 400
+    for _ in range(runs):  # true accuracy 0.95 before, 0.92 after, correlated through shared items
+        easy = torch.rand(n, generator=gen) < 0.92
+        before = easy | (torch.rand(n, generator=gen) < 0.375)
+        after = easy.clone()
+        low, high = paired_difference_interval(before, after)
+        covered += low <= 0.95 - 0.92 <= high
+    assert 0.92 <= covered / runs <= 0.99

@@ -11,8 +11,10 @@ import torch
 import yaml
 from helpers import assert_usage_error, invoke, read_report
 
+from bdaudit.detect.probe import ScanResult
 from bdaudit.models.checkpoint import load_model
 from bdaudit.planting.plant import PlantResult
+from bdaudit.workflows.clean import CleanGates, CleanOutcome, accuracy_drop_interval, clean_reasons
 
 # Trigger unlearning off: these tests are about the tuning methods themselves (test_unlearning.py).
 FAST = ("--epochs", "10", "--set", "min_steps=0", "--device", "cpu", "--trigger", "badnets", "--no-sequela",
@@ -42,6 +44,8 @@ def test_sft_removes_the_backdoor_and_keeps_accuracy(sft_run: tuple) -> None:
     assert clean["before"]["triggers"][0]["asr"] >= 0.9
     assert clean["after"]["triggers"][0]["asr"] < 0.3  # below the default gate
     assert clean["accuracy_drop"] <= 0.05
+    low, high = clean["accuracy_drop_ci95"]  # each held-out image paired before and after
+    assert low <= clean["accuracy_drop"] <= high and high - low < 0.2
     assert result.exit_code == 0, result.output
     assert report["verdict"]["status"] == "pass"
     # The default (sparse) history: every 5 epochs and the last, on 200 fixed held-out images.
@@ -238,3 +242,22 @@ def test_clean_options_are_checked() -> None:
         DefenseRun(history="some")
     with pytest.raises(BdauditError, match="`history_every`"):
         DefenseRun(history_every=0)
+
+
+def _outcome(n: int, lost: int) -> CleanOutcome:
+    before = torch.ones(n, dtype=torch.bool)
+    after = before.clone()
+    after[:lost] = False
+    scans = [ScanResult(float(c.float().mean()), n, [], clean_correct=c) for c in (before, after)]
+    return CleanOutcome(scans[0], scans[1], [], {}, 0.0, torch.nn.Identity())
+
+
+def test_the_accuracy_gate_gives_its_interval_and_says_when_it_is_within_noise() -> None:
+    gates = CleanGates(max_accuracy_drop=0.02)
+    few = clean_reasons(_outcome(80, 2), gates)  # 2 of 80 images: 2.5 points, not surely over 2
+    assert len(few) == 1 and "95 % CI" in few[0] and "on 80 images" in few[0] and "within noise" in few[0]
+    many = clean_reasons(_outcome(600, 60), gates)  # 10 points on 600 images: surely over the gate
+    assert len(many) == 1 and "95 % CI" in many[0] and "within noise" not in many[0]
+    assert clean_reasons(_outcome(600, 6), gates) == []  # 1 point: under the gate
+    low, high = accuracy_drop_interval(_outcome(600, 60))
+    assert low < 0.1 < high

@@ -29,6 +29,28 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def paired_difference_interval(before: torch.Tensor, after: torch.Tensor,
+                               z: float = 1.959964) -> tuple[float, float]:
+    """95 % interval for mean(before) - mean(after) of two boolean outcomes on the same items
+    (Newcombe 1998, method 10: Wilson bounds of each rate, corrected for their pairing), e.g. the
+    accuracy a model loses when the same images are scored before and after cleaning."""
+    n = len(before)
+    if n == 0:
+        return (-1.0, 1.0)
+    both = int((before & after).sum())
+    lost = int((before & ~after).sum())
+    gained = int((~before & after).sum())
+    neither = n - both - lost - gained
+    p1, p2 = (both + lost) / n, (both + gained) / n
+    l1, u1 = wilson_interval(both + lost, n, z)
+    l2, u2 = wilson_interval(both + gained, n, z)
+    spread = (both + lost) * (gained + neither) * (both + gained) * (lost + neither)
+    phi = (both * neither - lost * gained) / math.sqrt(spread) if spread else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return (max(-1.0, p1 - p2 - below), min(1.0, p1 - p2 + above))
+
+
 @dataclass(frozen=True)
 class Gates:
     """A trigger fails the gate when its ASR reaches ``fail_asr`` *and* beats the matched null
@@ -95,6 +117,8 @@ class ScanResult:
     n_images: int
     triggers: list[TriggerResult]
     forward_passes: int = 0  # images through the model, one per image and transform (not reported)
+    # Whether each image (in the data's order) was classified correctly: pairs two scans of one set.
+    clean_correct: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def flagged(self) -> list[TriggerResult]:
@@ -263,7 +287,9 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
         if not active:  # every verdict settled: only clean accuracy still needs the other images
             clean_chunks.append(predictor.labels(data.images[order[look:]], [None], advance)[0])
             break
-    clean_acc = float((torch.cat(clean_chunks) == labels).float().mean())
+    correct = torch.empty(n_all, dtype=torch.bool)
+    correct[order] = torch.cat(clean_chunks) == labels  # back to the data's order
+    clean_acc = float(correct.float().mean())
     results = [_trigger_result(trig, fixed, fit[id(trig)], data) for trig, fixed in zip(triggers, per_trigger,
                                                                                        strict=True)]
     for i, trig, fixed in work:
@@ -274,7 +300,7 @@ def evaluate_triggers(classifier: nn.Module, data: ImageSet, triggers: Sequence[
         if sequential:
             results[i].probe_decided = n < n_all
             results[i].probe_confidence = options.confidence
-    return ScanResult(clean_accuracy=clean_acc, n_images=n_all, triggers=results,
+    return ScanResult(clean_accuracy=clean_acc, n_images=n_all, triggers=results, clean_correct=correct,
                       forward_passes=predictor.forwards)
 
 

@@ -51,6 +51,10 @@ def clean_tables(clean: dict[str, Any]) -> list[Any]:
     for column in ("", "target", "before", "after"):
         table.add_column(column, justify="left" if column in ("", "target") else "right")
     table.add_row("clean accuracy", "", _pct(before["clean_accuracy"]), _pct(after["clean_accuracy"]))
+    if clean.get("accuracy_drop_ci95"):
+        low, high = clean["accuracy_drop_ci95"]
+        table.add_row("accuracy lost (95 % CI)", "", "",
+                      f"{_pct(clean['accuracy_drop'])} ({_pct(low)} to {_pct(high)}, n={after['n_images']})")
     for b, a in zip(before["triggers"], after["triggers"], strict=True):
         if b["error"]:
             continue

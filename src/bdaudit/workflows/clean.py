@@ -18,7 +18,7 @@ from bdaudit.core.errors import BdauditError
 from bdaudit.core.heads import head_of
 from bdaudit.defenses import SCOPES, Defense, DefenseContext
 from bdaudit.defenses.unlearning import UNLEARN_FAMILY_SHARE, plan_unlearning
-from bdaudit.detect.probe import Gates, ProbeSettings, ScanResult, evaluate_triggers
+from bdaudit.detect.probe import Gates, ProbeSettings, ScanResult, evaluate_triggers, paired_difference_interval
 from bdaudit.models.checkpoint import LoadedModel, save_model
 from bdaudit.triggers import Trigger
 from bdaudit.workflows.scan import scan_section
@@ -180,9 +180,28 @@ def clean_reasons(outcome: CleanOutcome, gates: CleanGates) -> list[str]:
     drop = outcome.before.clean_accuracy - outcome.after.clean_accuracy
     # Rounded: accuracies are float32 ratios of counts, and 12 of 600 images is exactly 2 points.
     if gates.max_accuracy_drop is not None and round(drop, 6) > gates.max_accuracy_drop:
-        reasons.append(f"clean accuracy fell by {drop:.1%} (from {outcome.before.clean_accuracy:.1%} to "
-                       f"{outcome.after.clean_accuracy:.1%}; gate {gates.max_accuracy_drop:.1%})")
+        interval = accuracy_drop_interval(outcome)
+        spread = "" if interval is None else \
+            f"95 % CI {interval[0]:.1%} to {interval[1]:.1%} on {outcome.after.n_images} images; "
+        reason = (f"clean accuracy fell by {drop:.1%} (from {outcome.before.clean_accuracy:.1%} to "
+                  f"{outcome.after.clean_accuracy:.1%}; {spread}gate {gates.max_accuracy_drop:.1%})")
+        if interval is not None and interval[0] <= gates.max_accuracy_drop:
+            # The gate still fails (a utility gate errs on the side of caution) but says it is unsure.
+            reason += " — within noise of the gate: more held-out images (--eval-data) would settle it"
+        reasons.append(reason)
     return reasons
+
+
+def accuracy_drop_interval(outcome: CleanOutcome) -> tuple[float, float] | None:
+    """95 % interval of the accuracy lost, pairing each held-out image before and after cleaning."""
+    before, after = outcome.before.clean_correct, outcome.after.clean_correct
+    if before is None or after is None or len(before) != len(after):
+        return None
+    return paired_difference_interval(before, after)
+
+
+def _rounded(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [round(v, 4) for v in interval]
 
 
 def clean_section(defense: Defense, scope: str, outcome: CleanOutcome, out: Path | None) -> dict[str, Any]:
@@ -195,6 +214,7 @@ def clean_section(defense: Defense, scope: str, outcome: CleanOutcome, out: Path
         "before": scan_section(outcome.before),
         "after": scan_section(outcome.after),
         "accuracy_drop": outcome.before.clean_accuracy - outcome.after.clean_accuracy,
+        "accuracy_drop_ci95": _rounded(accuracy_drop_interval(outcome)),
         "history": outcome.history,
         "seconds": outcome.seconds,
     }
