@@ -218,7 +218,7 @@ def plant(data: DataOptions, output: OutputOptions, options: PlantOptions | None
     """Plant a backdoored (or, with ``attack="none"``, a clean reference) model in one of three
     paradigms (``bdaudit.workflows.plant``); ``output.out`` receives it with its provenance."""
     return plant_model(data, output, options or PlantOptions(), transfer=transfer,
-                       runtime=runtime or Runtime(batch_size=128), on_epoch=on_epoch)
+                       runtime=runtime or Runtime(), on_epoch=on_epoch)
 
 
 def bench(subjects: Sequence[Subject], data: DataOptions, plan: BenchPlan, out_dir: str | Path, *,

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,7 +25,6 @@ from bdaudit.core.errors import BdauditError
 if TYPE_CHECKING:
     from bdaudit import api
 
-G = TypeVar("G")
 
 ModelPath = Annotated[Path, typer.Argument(help="Checkpoint (.safetensors, .pt/.pth/.bin/.ckpt state dict), "
                                            "a timm/Hugging Face model folder, or hf-hub:ORG/NAME from the "
@@ -226,7 +225,3 @@ def option_groups(func: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper
 
-
-def regroup(values: dict[str, Any], group: type[G]) -> G:
-    """A group rebuilt from flag values (e.g. after ``--config`` filled some in)."""
-    return group(**{f.name: values[f.name] for f in dataclasses.fields(group)})

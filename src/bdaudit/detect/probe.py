@@ -133,10 +133,6 @@ def attack_success_rates(preds: torch.Tensor, labels: torch.Tensor, num_classes:
     return (sent_to - correct_in) / not_of.clamp(min=1)
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def trigger_fit_error(trigger: Trigger, data: ImageSet) -> str | None:
     """Try the trigger (and its null) on one image: why it does not fit these inputs, or None."""
     try:

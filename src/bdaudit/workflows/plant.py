@@ -80,7 +80,7 @@ def plant_model(data: DataOptions, output: OutputOptions, options: PlantOptions,
                 transfer: TransferOptions | None = None, runtime: Runtime | None = None,
                 on_epoch: PlantProgress | None = None) -> PlantResult:
     """Plant one model into ``output.out`` (never over an existing file unless ``output.force``)."""
-    runtime = runtime or Runtime(batch_size=128)
+    runtime = runtime or Runtime()
     if output.out is None:
         raise BdauditError("`out` is required: where to write the planted .safetensors")
     out = Path(output.out)
