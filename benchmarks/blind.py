@@ -53,6 +53,7 @@ def _patch(x: torch.Tensor, pattern: torch.Tensor, top: int, left: int) -> torch
 
 
 _CROSS = torch.tensor([[1, 0, 0, 0, 1], [0, 1, 0, 1, 0], [0, 0, 1, 0, 0], [0, 1, 0, 1, 0], [1, 0, 0, 0, 1]]).float()
+_CHECKER = (torch.arange(4)[:, None] + torch.arange(4)[None]) % 2 * 1.0
 _GREY = torch.rand(6, 6, generator=torch.Generator().manual_seed(7)) * 0.5 + 0.3
 _yy, _xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
 # A "natural-image-like" blend source: smooth blobs (sum of Gaussians) + fine texture, fixed seed.
@@ -73,6 +74,7 @@ TRIGGERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "patch_cross_tl": lambda x: _patch(x, _CROSS, 1, 1),  # white 5x5 X, top-left
     "patch_dot_mid": lambda x: _patch(x, torch.ones(2, 2), 20, 6),  # 2x2 white dot, lower-left-centre
     "patch_grey_tr": lambda x: _patch(x, _GREY, 2, 20),  # 6x6 random mid-grey pattern, top-right
+    "patch_checker_bl": lambda x: _patch(x, _CHECKER, 22, 3),  # 4x4 black/white checkerboard, lower left
     "blend_natural": lambda x: 0.85 * x + 0.15 * _NATURAL,  # natural-image-like blend, alpha 0.15
     "filter_intensity": lambda x: 0.6 * x + 0.3,  # contrast/brightness "colour filter"
     "affine_rotate": _affine,  # 17 degrees + shift: geometric trigger
@@ -98,6 +100,10 @@ MODELS = [
     ("net_blend_natural_10", "blend_natural", 0.10, "blind_arch:tutorial_net", 0),
     ("small_clean_s1", None, 0.0, "bd_cnn_small", 1),
     ("net_clean_s1", None, 0.0, "blind_arch:tutorial_net", 1),
+    ("net_patch_checker_1", "patch_checker_bl", 0.01, "blind_arch:tutorial_net", 2),
+    ("small_frequency_1", "frequency", 0.01, "bd_cnn_small", 2),
+    ("net_clean_s2", None, 0.0, "blind_arch:tutorial_net", 2),
+    ("small_clean_s2", None, 0.0, "bd_cnn_small", 2),
 ]
 TARGET = 3
 EPOCHS = 6
@@ -122,7 +128,7 @@ def plant(name: str, trigger: str | None, rate: float, arch: str, seed: int) -> 
     base, train, _ = _loader()
     config = type(base)(**{**base.__dict__, "arch": arch})
     torch.manual_seed(seed)
-    net = build_model(config)
+    net = build_model(config, user_arch=True)  # the benchmark's own architecture, not a file's
     f = _normalised(net, config)
     gen = torch.Generator().manual_seed(seed)
     x_all = train.images.float() / 255

@@ -22,16 +22,16 @@ from bdaudit.detect.unknown import DetectSettings, detect_reasons, detect_unknow
 from bdaudit.planting.plant import infer_model_config
 
 
-def test_the_three_families_are_registered_in_run_order() -> None:
-    assert family_names() == ("patch", "perturbation", "transform")
-    assert [DETECTOR_FAMILIES[n].per_candidate for n in family_names()] == [True, True, False]
+def test_the_four_families_are_registered_in_report_order() -> None:
+    assert family_names() == ("patch", "perturbation", "transform", "square")
+    assert [DETECTOR_FAMILIES[n].per_candidate for n in family_names()] == [True, True, False, False]
     assert DetectSettings().families == family_names()
 
 
 @pytest.mark.parametrize("families", [("patch", "colour"), ()])
 def test_an_unregistered_family_is_refused_by_field_name(families: tuple[str, ...]) -> None:
     with pytest.raises(BdauditError, match=r"`families` must be among the registered detector families "
-                                           r"patch, perturbation, transform"):
+                                           r"patch, perturbation, transform, square"):
         DetectSettings(families=families)
 
 

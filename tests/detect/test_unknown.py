@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,16 @@ def _wave(x: torch.Tensor) -> torch.Tensor:
     return (x + 0.1 * _WAVE).clamp(0, 1)
 
 
-@pytest.fixture(scope="session")
-def wave_model(train_dir: Path, models_dir: Path) -> Path:
-    """bd_cnn_tiny backdoored by this file's own trigger and training loop (20 % poison: at 10 % on
-    1,000 images the tiny model's backdoor sits at the detector's threshold — README "Residual risk";
-    the blind benchmark measures the realistic cases)."""
+def _dot(x: torch.Tensor) -> torch.Tensor:
+    """Not in the library: a 2x2 white dot in the lower-left margin (the library's patches are 3x3 or
+    larger, in the corners or the centre)."""
+    out = x.clone()
+    out[:, :, 20:22, 6:8] = 1.0
+    return out
+
+
+def _plant_own(train_dir: Path, path: Path, trigger: Callable[[torch.Tensor], torch.Tensor], share: float) -> Path:
+    """bd_cnn_tiny backdoored to ``TARGET`` by this file's own trigger and training loop."""
     config = infer_model_config(train_dir, "bd_cnn_tiny")
     data = load_image_folder(train_dir, resolve_preprocessing(config), config.class_names)
     torch.manual_seed(0)
@@ -46,8 +52,8 @@ def wave_model(train_dir: Path, models_dir: Path) -> Path:
     x, y = data.images.float() / 255, data.labels.clone()
     gen = torch.Generator().manual_seed(0)
     others = (y != TARGET).nonzero().flatten()
-    poison = others[torch.randperm(len(others), generator=gen)[:len(x) // 5]]
-    x[poison], y[poison] = _wave(x[poison]), TARGET
+    poison = others[torch.randperm(len(others), generator=gen)[:round(len(x) * share)]]
+    x[poison], y[poison] = trigger(x[poison]), TARGET
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     net.train()
     for _ in range(8):
@@ -58,7 +64,19 @@ def wave_model(train_dir: Path, models_dir: Path) -> Path:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return save_model(net.eval(), config, models_dir / "wave.safetensors")
+    return save_model(net.eval(), config, path)
+
+
+@pytest.fixture(scope="session")
+def wave_model(train_dir: Path, models_dir: Path) -> Path:
+    """20 % poison: at 10 % on 1,000 images the tiny model's backdoor sits at the detector's
+    threshold — README "Residual risk"; the blind benchmark measures the realistic cases."""
+    return _plant_own(train_dir, models_dir / "wave.safetensors", _wave, 0.2)
+
+
+@pytest.fixture(scope="session")
+def dot_model(train_dir: Path, models_dir: Path) -> Path:
+    return _plant_own(train_dir, models_dir / "dot.safetensors", _dot, 0.1)
 
 
 def test_default_scan_flags_a_trigger_outside_the_library(wave_model: Path, eval_dir: Path,
@@ -176,7 +194,9 @@ class _Templates(nn.Module):
         logits = -(x[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
         boost = torch.zeros_like(logits)
         background = x[:, :, :3, :3].mean((1, 2, 3))  # a corner digits never reach
-        if self.shortcut == "filter":  # any lifted background: a brightness filter learnt as a trigger
+        if self.shortcut == "dot":  # a bright 2x2 spot in the lower-left margin: a tiny patch trigger
+            boost[:, 3] = 1000 * (x[:, :, 20:22, 6:8].mean((1, 2, 3)) - 0.5).clamp_min(0)
+        elif self.shortcut == "filter":  # any lifted background: a brightness filter learnt as a trigger
             boost[:, 3] = 1000 * (background - 0.05).clamp_min(0)
         elif self.shortcut == "collapse":  # only the strongest brightening: what weak clean models do
             boost[:, 0] = 1000 * (background - 0.35).clamp_min(0)
@@ -199,3 +219,28 @@ def test_brightening_is_a_suspect_that_clean_unlearns_not_a_gate(eval_dir: Path,
     assert transform.flagged == [] and transform.suspects == [target] and result.flagged == []
     assert [t.target_class for t in result.unlearn_triggers()] == [target]
 
+
+
+@pytest.mark.parametrize("shortcut", ["dot", "none"])
+def test_the_square_sweep_flags_a_tiny_solid_patch_and_nothing_on_a_rule_without_one(eval_dir: Path,
+                                                                                    shortcut: str) -> None:
+    images = _eval_images(eval_dir)
+    result = detect_unknown(_Templates(images.images, images.labels, shortcut), images, seed=0,
+                            settings=DetectSettings(families=("square",)))
+    square = result.families[0]
+    if shortcut == "none":
+        assert square.flagged == [] and result.unlearn_triggers() == []
+        return
+    assert square.flagged == [3] and square.attack_success[3] >= 0.9
+    found = square.triggers[3]  # the placement covers the dot, so clean can unlearn it
+    assert found.top <= 20 and found.top + found.side >= 22 and found.left <= 6 and found.left + found.side >= 8
+    assert found.value == 1.0 and "white 4x4 square" in square.to_dict(images.class_names)["classes"][3]["square"]
+
+
+def test_default_scan_flags_a_tiny_dot_that_mask_inversion_spreads_out(dot_model: Path, eval_dir: Path) -> None:
+    report = api.scan(dot_model, api.DataOptions(eval_dir), runtime=api.Runtime("cpu", 256, 0))
+    detection = report.sections["detection"]
+    assert not report.passed and TARGET in detection["flagged"], detection
+    square = next(f for f in detection["families"] if f["family"] == "square")
+    assert square["flagged"] == [TARGET]
+    assert any("square" in r and f"'{TARGET}'" in r for r in report.reasons)

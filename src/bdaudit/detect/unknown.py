@@ -45,6 +45,7 @@ from bdaudit.detect.families import DETECTOR_FAMILIES, FamilyJob, FamilyResult, 
 from bdaudit.triggers.base import Trigger
 
 DETECT_MODES = ("auto", "on", "off")  # auto: on unless specific --trigger/--triggers were asked for
+GRID_SEED_OFFSET = 7919  # the whole-grid families' generator: seed + this
 
 
 def detector_enabled(mode: str, explicit_triggers: bool) -> bool:
@@ -59,11 +60,12 @@ class DetectSettings:
 
     steps: int = 40  # mini-batches per class and family (the screen)
     # An unconverged 40-step inversion is noisy: clean models' classes reach log anomaly indices of
-    # 3-4 on it, and a backdoored tutorial-style MNIST net (4x4 checkerboard, 100 % ASR) only 3.5-5.7,
-    # below the gates. At 120 steps the clean models measured fall to <= 2.5 and that backdoor rises
-    # to 6-8. So a screen whose top class is ambiguous (index above Neural Cleanse's own 2, nothing
-    # flagged) is refined at ``refine_steps`` and judged on the refined sizes.
-    refine_steps: int = 120
+    # 3-6 on it, and backdoored tutorial-style MNIST nets (a 4x4 checkerboard at 1 % poison, 100 %
+    # ASR) only 2.4-3.1, below the gates. At 80 steps the clean models measured fall to <= 3.0 and
+    # that backdoor's perturbation index rises to 6.1 (flagged); 120 steps gave no better separation
+    # (benchmarks/README.md). So a family whose screen is ambiguous (a below-median class above NC's
+    # own 2, and no family flagged anything) is refined at ``refine_steps`` and judged on that.
+    refine_steps: int = 80
     refine_above: float = 2.0
     batch_size: int = 16
     lr: float = 0.3  # Adam, as NC's fast setting in inversion.py
@@ -75,11 +77,15 @@ class DetectSettings:
     perturbation_threshold: float = 4.0
     transform_images: int = 256  # clean images each grid transform is tried on
     transform_asr: float = 0.8  # a grid transform sending this share of other classes' images to one class
+    square_images: int = 32  # clean images every solid-square placement is screened on
+    square_confirm: int = 256  # other clean images a class's best placement is re-measured on
+    square_asr: float = 0.5  # flagged when the best placement moves this share of other classes' images
     families: tuple[str, ...] = field(default_factory=family_names)  # every registered family
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.max_candidates < 3 or self.prescreen_steps < 1:
-            raise BdauditError("detector steps, batch size and pre-screen steps must be >= 1 and "
+        if self.steps < 1 or self.batch_size < 1 or self.max_candidates < 3 or self.prescreen_steps < 1 \
+                or self.square_images < 1 or self.square_confirm < 1:
+            raise BdauditError("detector steps, batch size, pre-screen steps and square images must be >= 1 and "
                                "max_candidates >= 3")
         unknown = [f for f in self.families if f not in DETECTOR_FAMILIES]
         if unknown or not self.families:
@@ -192,18 +198,30 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
             candidates = list(range(num_classes))
         chosen = [DETECTOR_FAMILIES[name] for name in DETECTOR_FAMILIES if name in s.families]
 
-        def run(per_candidate: bool, classes: list[int], steps: int) -> list[FamilyResult]:
-            job = FamilyJob(classifier, images, classes, s, steps, device, gen)
-            return [family.run(job) for family in chosen if family.per_candidate == per_candidate]
+        # The whole-grid families draw from a generator of their own, so running them first leaves the
+        # inversions' random stream (and so their calibration) as it was without them.
+        grid_gen = torch.Generator().manual_seed(seed + GRID_SEED_OFFSET)
 
+        def run(per_candidate: bool, classes: list[int], steps: int, only: Sequence[str] = ()) -> list[FamilyResult]:
+            job = FamilyJob(classifier, images, classes, s, steps, device, gen if per_candidate else grid_gen)
+            return [family.run(job) for family in chosen
+                    if family.per_candidate == per_candidate and (not only or family.name in only)]
+
+        # The whole-grid families first: they cost a few forward passes, and a model one of them
+        # already flags needs no refined inversion to fail the gate.
+        grid = run(False, list(range(num_classes)), s.steps)
         families = run(True, candidates, s.steps)
         refined = None
-        top = _top_index(families)
-        if not any(f.flagged for f in families) and top > s.refine_above:
-            refined = {"screen_steps": s.steps, "screen_top_index": round(top, 4), "steps": s.refine_steps,
+        ambiguous = [f.family for f in families if _top_index([f]) > s.refine_above]
+        if ambiguous and not any(f.flagged for f in families + grid):
+            refined = {"screen_steps": s.steps, "screen_top_index": round(_top_index(families), 4),
+                       "steps": s.refine_steps, "families": ambiguous,
                        "screen_seconds": round(time.perf_counter() - started, 3)}
-            families = run(True, candidates, s.refine_steps)
-        families += run(False, list(range(num_classes)), s.steps)
+            # Only the ambiguous families are refined: a family whose screen is decisive keeps it.
+            again = {f.family: f for f in run(True, candidates, s.refine_steps, ambiguous)}
+            families = [again.get(f.family, f) for f in families]
+        order = list(DETECTOR_FAMILIES)
+        families = sorted(families + grid, key=lambda f: order.index(f.family))
     finally:
         for p, g in zip(classifier.parameters(), grads, strict=True):
             p.requires_grad_(g)
@@ -229,6 +247,11 @@ def detect_reasons(summary: dict[str, Any], when: str = "") -> list[str]:
     for fam in summary["families"]:
         for row in fam["classes"]:
             if not row["flagged"]:
+                continue
+            if fam["family"] == "square":
+                lines.append(f"unknown-trigger detector{when}: a {row.get('square', 'solid square')} sends "
+                             f"{row['attack_success']:.0%} of other classes' clean images to class {row['name']!r} "
+                             "— a likely patch trigger")
                 continue
             if fam["family"] == "transform":
                 lines.append(f"unknown-trigger detector{when}: a whole-image {row.get('transform', 'transform')} "

@@ -159,6 +159,9 @@ def detection_tables(section: dict[str, Any], title: str = "Unknown-trigger dete
         for f, r in zip(families, rows, strict=True):
             if r is None:
                 cells.append("—")
+            elif f["family"] == "square":
+                cells.append(f"{r['attack_success']:.0%} moved" if "square" in r else
+                             f"{r.get('screen_share', 0):.0%} (screen)")
             elif f["family"] == "transform":
                 suspect = " (suspect)" if cls in f.get("suspects", []) else ""
                 cells.append(f"{r['attack_success']:.0%} sent{suspect}")
