@@ -16,8 +16,9 @@ from torch import nn
 from bdaudit import api
 from bdaudit.core.data import ImageSet, load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
+from bdaudit.detect.families.patch import compact_side
 from bdaudit.detect.probe import wilson_interval
-from bdaudit.detect.unknown import DetectSettings, choose_candidates, detect_unknown, detector_enabled
+from bdaudit.detect.unknown import DetectSettings, choose_candidates, detect_reasons, detect_unknown, detector_enabled
 from bdaudit.models.checkpoint import build_model, load_model, save_model
 from bdaudit.planting.plant import PlantResult, infer_model_config
 
@@ -196,6 +197,11 @@ class _Templates(nn.Module):
         background = x[:, :, :3, :3].mean((1, 2, 3))  # a corner digits never reach
         if self.shortcut == "dot":  # a bright 2x2 spot in the lower-left margin: a tiny patch trigger
             boost[:, 3] = 1000 * (x[:, :, 20:22, 6:8].mean((1, 2, 3)) - 0.5).clamp_min(0)
+        elif self.shortcut == "checker":  # a 4x4 black/white checkerboard in the lower-left margin
+            patch = x[:, :, 22:26, 3:7].mean(1)
+            checker = (torch.arange(4)[:, None] + torch.arange(4)[None]) % 2
+            match = (patch * checker).mean((1, 2)) - (patch * (1 - checker)).mean((1, 2))
+            boost[:, 3] = 20 * F.softplus(20 * (match - 0.3))  # smooth: a gradient for the mask search
         elif self.shortcut == "filter":  # any lifted background: a brightness filter learnt as a trigger
             boost[:, 3] = 1000 * (background - 0.05).clamp_min(0)
         elif self.shortcut == "collapse":  # only the strongest brightening: what weak clean models do
@@ -244,3 +250,26 @@ def test_default_scan_flags_a_tiny_dot_that_mask_inversion_spreads_out(dot_model
     square = next(f for f in detection["families"] if f["family"] == "square")
     assert square["flagged"] == [TARGET]
     assert any("square" in r and f"'{TARGET}'" in r for r in report.reasons)
+
+
+@pytest.mark.parametrize("shortcut", ["checker", "none"])
+def test_a_compact_patch_confirms_a_patterned_trigger_and_nothing_on_a_rule_without_one(eval_dir: Path,
+                                                                                       shortcut: str) -> None:
+    # The mask search's size only nominates classes; a free 6x6 patch where the mask is densest decides.
+    images = _eval_images(eval_dir)
+    result = detect_unknown(_Templates(images.images, images.labels, shortcut), images, seed=0,
+                            settings=DetectSettings(families=("patch",), patch_threshold=0.0))
+    patch = result.families[0]
+    rows = patch.to_dict(images.class_names)["classes"]
+    tested = [r for r in rows if "compact_asr" in r]
+    assert 1 <= len(tested) <= DetectSettings().compact_tests  # the cost bound: only the nominated few
+    if shortcut == "none":
+        assert patch.flagged == [] and all(r["compact_asr"] < 0.5 for r in tested), tested
+        return
+    assert patch.flagged == [3] and rows[3]["compact_asr"] >= 0.9, tested
+    found = patch.triggers[3]  # what clean unlearns: the 6x6 window over the checkerboard
+    rows_on, cols_on = found.mask[0].nonzero(as_tuple=True)
+    assert found.mask.sum() == compact_side(28, 28) ** 2 and rows_on.min() <= 22 and rows_on.max() >= 25
+    assert cols_on.min() <= 3 and cols_on.max() >= 6
+    reasons = detect_reasons(result.to_dict())
+    assert len(reasons) == 1 and "6x6 patch at row" in reasons[0] and "'3'" in reasons[0]

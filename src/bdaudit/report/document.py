@@ -17,7 +17,8 @@ from bdaudit.models.checkpoint import LoadedModel
 # 1.1: trigger flag_reason, family_asr gate; 1.2: clean unlearning; 1.3: detection, verification, ASR CIs, MIA roc;
 # 1.4: sequential probing (probe_decided, probe_confidence per trigger; clean's history settings)
 # 1.5: clean.accuracy_drop_ci95; 1.6: detector family "square" (square, screen_share per class; refined.families)
-SCHEMA_VERSION = "1.6.0"
+# 1.7: patch family's compact-patch confirmation (compact_asr, compact_patch per class)
+SCHEMA_VERSION = "1.7.0"
 
 
 @cache

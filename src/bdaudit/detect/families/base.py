@@ -71,6 +71,7 @@ class FamilyJob:
     steps: int
     device: torch.device
     gen: torch.Generator  # the detector's one seeded generator: families draw from it in registry order
+    seed: int = 0  # the detector's seed, for a step that must not draw from ``gen`` (patch's compact tests)
 
 
 class DetectorFamily(ABC):
