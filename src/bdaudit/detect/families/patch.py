@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from bdaudit.core.data import to_float
 from bdaudit.detect.families.base import FamilyJob, FamilyResult, InvertingFamily, score_inverted
-from bdaudit.detect.families.square import square_side
 from bdaudit.detect.inversion import InversionSettings, InvertedTrigger, _invert_group
 from bdaudit.triggers.base import Trigger
 
@@ -38,8 +37,9 @@ COMPACT_SEED_OFFSET = 104729  # the compact tests' generator: detector seed + th
 
 
 def compact_side(height: int, width: int) -> int:
-    """The square sweep's side plus two: 6 on MNIST's 28 x 28."""
-    return square_side(height, width) + 2
+    """3/14 of the shorter side (6 on MNIST's 28 x 28, 7 on 32 x 32, 2 on 8 x 8): a fixed share of
+    the image, because a larger free patch is an adversarial patch on any model."""
+    return max(2, round(min(height, width) * 3 / 14))
 
 
 def densest_window(mask: torch.Tensor, side: int) -> tuple[int, int]:
@@ -51,14 +51,16 @@ def densest_window(mask: torch.Tensor, side: int) -> tuple[int, int]:
 
 
 @torch.enable_grad()
-def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor) -> tuple[float, InvertedTrigger, str]:
-    """Optimise a free square pattern towards ``target`` where ``mask`` is densest; its success on
-    held-apart images of other classes (neither labelled nor already predicted ``target``)."""
+def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor,
+                  side: int | None = None) -> tuple[float, InvertedTrigger, str]:
+    """Optimise a free square pattern (``side``, default ``compact_side``) towards ``target`` where
+    ``mask`` is densest; its success on held-apart images of other classes (neither labelled nor
+    already predicted ``target``)."""
     s, classifier, device = job.settings, job.classifier, job.device
     gen = torch.Generator().manual_seed(job.seed + COMPACT_SEED_OFFSET + target)
     images, labels = job.images.images, job.images.labels
     _, c, h, w = images.shape
-    side = min(compact_side(h, w), h, w)
+    side = min(side or compact_side(h, w), h, w)
     top, left = densest_window(mask, side)
     others = (labels != target).nonzero().flatten()
     with torch.no_grad():
