@@ -2,7 +2,7 @@
 
 For each blind-benchmark model (planted by ``blind.py``, cached) and seed, the scan's own tuning
 split goes through the patch family exactly as ``scan`` runs it; every nominated class then gets a
-compact patch of side 5, 6 and 7 (``families.patch.compact_patch``). A backdoor's target should
+compact patch of side 6, 7 and 8 (``families.patch.compact_patch``). A backdoor's target should
 reach a high share at the chosen side, a clean model's classes a low one.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/compact_sweep.py   # -> results/compact_sweep.jsonl
@@ -29,7 +29,7 @@ from bdaudit.models.checkpoint import load_model  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "compact_sweep.jsonl"
 DEFAULT = ["net_patch_checker_1", "small_patch_cross_10", "small_patch_cross_1", "small_patch_dot_10",
            "small_clean_s0", "small_clean_s1", "small_clean_s2", "net_clean_s0", "net_clean_s1", "net_clean_s2"]
-SIDES = (5, 6, 7)
+SIDES = (6, 7, 8)
 
 
 def sweep(name: str, seed: int) -> dict:

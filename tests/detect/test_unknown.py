@@ -255,7 +255,7 @@ def test_default_scan_flags_a_tiny_dot_that_mask_inversion_spreads_out(dot_model
 @pytest.mark.parametrize("shortcut", ["checker", "none"])
 def test_a_compact_patch_confirms_a_patterned_trigger_and_nothing_on_a_rule_without_one(eval_dir: Path,
                                                                                        shortcut: str) -> None:
-    # The mask search's size only nominates classes; a free 6x6 patch where the mask is densest decides.
+    # The mask search's size only nominates classes; a free 7x7 patch where the mask is densest decides.
     images = _eval_images(eval_dir)
     result = detect_unknown(_Templates(images.images, images.labels, shortcut), images, seed=0,
                             settings=DetectSettings(families=("patch",), patch_threshold=0.0))
@@ -264,12 +264,12 @@ def test_a_compact_patch_confirms_a_patterned_trigger_and_nothing_on_a_rule_with
     tested = [r for r in rows if "compact_asr" in r]
     assert 1 <= len(tested) <= DetectSettings().compact_tests  # the cost bound: only the nominated few
     if shortcut == "none":
-        assert patch.flagged == [] and all(r["compact_asr"] < 0.5 for r in tested), tested
+        assert patch.flagged == [] and all(r["compact_asr"] < DetectSettings().compact_asr for r in tested), tested
         return
-    assert patch.flagged == [3] and rows[3]["compact_asr"] >= 0.9, tested
-    found = patch.triggers[3]  # what clean unlearns: the 6x6 window over the checkerboard
+    assert patch.flagged == [3] and rows[3]["compact_asr"] >= DetectSettings().compact_asr, rows[3]
+    found = patch.triggers[3]  # what clean unlearns: a 7x7 window over (most of) the checkerboard
     rows_on, cols_on = found.mask[0].nonzero(as_tuple=True)
-    assert found.mask.sum() == compact_side(28, 28) ** 2 and rows_on.min() <= 22 and rows_on.max() >= 25
-    assert cols_on.min() <= 3 and cols_on.max() >= 6
+    assert found.mask.sum() == compact_side(28, 28) ** 2
+    assert rows_on.min() <= 23 and rows_on.max() >= 24 and cols_on.min() <= 4 and cols_on.max() >= 5
     reasons = detect_reasons(result.to_dict())
-    assert len(reasons) == 1 and "6x6 patch at row" in reasons[0] and "'3'" in reasons[0]
+    assert len(reasons) == 1 and "7x7 patch at row" in reasons[0] and "'3'" in reasons[0]

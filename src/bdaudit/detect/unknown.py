@@ -82,8 +82,9 @@ class DetectSettings:
     patch_threshold: float = 1.0
     perturbation_threshold: float = 6.0
     compact_tests: int = 3  # nominated classes given the compact-patch test, most anomalous first
-    compact_steps: int = 40  # mini-batches of ``batch_size`` optimising each compact patch
-    compact_asr: float = 0.5  # flagged when the compact patch sends this share of held-apart images
+    compact_steps: int = 40  # mini-batches optimising each compact patch
+    compact_batch: int = 32  # images per mini-batch (16 left the share too noisy to separate)
+    compact_asr: float = 0.6  # flagged when the compact patch sends this share of held-apart images
     transform_images: int = 256  # clean images each grid transform is tried on
     transform_asr: float = 0.8  # a grid transform sending this share of other classes' images to one class
     square_images: int = 32  # clean images every solid-square placement is screened on
@@ -94,7 +95,7 @@ class DetectSettings:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_candidates < 3 or self.prescreen_steps < 1 \
                 or self.square_images < 1 or self.square_confirm < 1 or self.compact_tests < 1 \
-                or self.compact_steps < 1:
+                or self.compact_steps < 1 or self.compact_batch < 1:
             raise BdauditError("detector steps, batch size, pre-screen steps, square images and compact tests "
                                "must be >= 1 and max_candidates >= 3")
         for name in ("square_asr", "compact_asr", "transform_asr"):

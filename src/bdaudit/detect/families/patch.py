@@ -5,16 +5,17 @@ A short, unconverged mask search is noisy: on clean MNIST models the naturally e
 log anomaly indices up to 11.6, while a 4x4 checkerboard planted at 1 % poison (100 % ASR) scored
 2.0-5.4 (blind benchmark, benchmarks/README.md). The size alone does not separate them; where the
 mask is *densest* does. So the ``compact_tests`` (3) most anomalous below-median classes (index
-above ``patch_threshold``, 1) each get a free pattern of ``compact_side`` pixels square (6 on
-MNIST), optimised towards the class at the window holding most of its mask, on half of the other
-classes' clean images; the class is flagged when that patch sends at least ``compact_asr`` (50 %) of
-the *other* half there. Measured on the blind benchmark's models over two seeds: 0.65-1.0 for 5x5
-crosses (10 % and 1 % poison), a 4x4 checkerboard and a 2x2 dot, at most 0.20 on every nominated
-class of six clean MNIST models (two architectures). A 5-pixel window separated worse (backdoors
-from 0.47), a 7-pixel one let clean classes reach 0.45: a larger free patch is an adversarial patch
-on any model. Finds BadNets-like patches of any pattern, colour or position up to about the
-window's size (a larger one when part of it still fires); blind to triggers spread over the whole
-image (blends, warps, colour shifts, frequency patterns), which are ``perturbation``'s and ``transform``'s."""
+above ``patch_threshold``, 1) each get a free pattern of ``compact_side`` pixels square (7 on
+MNIST), optimised towards the class at the window holding most of its mask (40 steps of 32 images),
+on half of the other classes' clean images; the class is flagged when that patch sends at least
+``compact_asr`` (60 %) of the *other* half there. Measured on the blind benchmark's models, two
+seeds each, on the scan's own split (benchmarks/compact_sweep.py): 0.82-1.0 for 5x5 crosses (10 % and
+1 % poison), a 4x4 checkerboard and a 2x2 dot; at most 0.45 on every nominated class of six clean
+MNIST models (two architectures). A 6-pixel window let backdoors fall to 0.40, an 8-pixel one let
+clean classes reach 0.56: a larger free patch is an adversarial patch on any model. Finds
+BadNets-like patches of any pattern, colour or position up to about the window's size (a larger
+one when part of it still fires); blind to triggers spread over the whole image (blends, warps,
+colour shifts, frequency patterns), which are ``perturbation``'s and ``transform``'s."""
 
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ COMPACT_SEED_OFFSET = 104729  # the compact tests' generator: detector seed + th
 
 
 def compact_side(height: int, width: int) -> int:
-    """3/14 of the shorter side (6 on MNIST's 28 x 28, 7 on 32 x 32, 2 on 8 x 8): a fixed share of
-    the image, because a larger free patch is an adversarial patch on any model."""
-    return max(2, round(min(height, width) * 3 / 14))
+    """A quarter of the shorter side (7 on MNIST's 28 x 28, 8 on 32 x 32, 2 on 8 x 8): a fixed share
+    of the image, because a larger free patch is an adversarial patch on any model."""
+    return max(2, round(min(height, width) / 4))
 
 
 def densest_window(mask: torch.Tensor, side: int) -> tuple[int, int]:
@@ -81,7 +82,7 @@ def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor,
 
     if len(fit) and len(held):
         for _ in range(s.compact_steps):
-            pick = fit[torch.randint(0, len(fit), (s.batch_size,), generator=gen)]
+            pick = fit[torch.randint(0, len(fit), (s.compact_batch,), generator=gen)]
             x = to_float(images[pick], device)
             loss = F.cross_entropy(classifier(stamp(x)), torch.full((len(x),), target, device=device))
             optimizer.zero_grad(set_to_none=True)
