@@ -3,8 +3,8 @@
 A family is one way of searching for a trigger no library holds. A *per-candidate* family
 (``patch``, ``perturbation``: an ``InvertingFamily``) reverses a trigger for each candidate class
 inside the detector's screen -> refine loop, at the loop's step budget, and is scored with Neural
-Cleanse's MAD rule (``score_inverted``); a *whole-grid* family (``transform``) runs once, over
-every class, after that loop.
+Cleanse's MAD rule (``score_inverted``; ``patch`` then confirms with a compact patch); a
+*whole-grid* family (``transform``, ``square``) runs once, over every class, before that loop.
 Adding a family is one module with a ``DetectorFamily`` subclass plus one ``register_family`` line
 in ``bdaudit/detect/families/__init__.py``.
 """

@@ -10,7 +10,7 @@ MNIST), optimised towards the class at the window holding most of its mask (40 s
 on half of the other classes' clean images; the class is flagged when that patch sends at least
 ``compact_asr`` (60 %) of the *other* half there. Measured on the blind benchmark's models, two
 seeds each, on the scan's own split (benchmarks/compact_sweep.py): 0.82-1.0 for 5x5 crosses (10 % and
-1 % poison), a 4x4 checkerboard and a 2x2 dot; at most 0.45 on every nominated class of six clean
+1 % poison), a 4x4 checkerboard and a 2x2 dot; at most 0.47 on every nominated class of six clean
 MNIST models (two architectures). A 6-pixel window let backdoors fall to 0.40, an 8-pixel one let
 clean classes reach 0.56: a larger free patch is an adversarial patch on any model. Finds
 BadNets-like patches of any pattern, colour or position up to about the window's size (a larger
