@@ -32,6 +32,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # blind_arch: the third-party-style architecture
 
+from common import emit  # noqa: E402
+
 from bdaudit import api  # noqa: E402
 from bdaudit.core.data import load_image_folder, resolve_preprocessing  # noqa: E402
 from bdaudit.detect.probe import wilson_interval  # noqa: E402
@@ -247,16 +249,17 @@ def main() -> None:
         print(table())
         return
     torch.set_num_threads(1)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for entry in select(parser, args.only):
+        emit(run(entry), RESULTS)
+
+
+def select(parser: argparse.ArgumentParser, only: list[str] | None) -> list[tuple]:
+    """The ``MODELS`` entries named by ``--only`` (in that order), or all of them."""
     by_name = {entry[0]: entry for entry in MODELS}
-    unknown = [name for name in args.only or [] if name not in by_name]
+    unknown = [name for name in only or [] if name not in by_name]
     if unknown:
         parser.error(f"unknown model(s): {', '.join(unknown)}")
-    for entry in [by_name[name] for name in args.only] if args.only else MODELS:
-        row = run(entry)
-        print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    return [by_name[name] for name in only] if only else MODELS
 
 
 if __name__ == "__main__":

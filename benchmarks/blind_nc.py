@@ -8,7 +8,6 @@ the library probes plus ``--invert`` — on the same 400 clean images, no trigge
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from blind import CACHE, MNIST, MODELS, TARGET, plant, user_flags  # noqa: E402
+from blind import CACHE, MNIST, TARGET, plant, select, user_flags  # noqa: E402
+from common import emit  # noqa: E402
 
 from bdaudit import api  # noqa: E402
 
@@ -42,12 +42,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="model names (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    by_name = {m[0]: m for m in MODELS}
-    for entry in [by_name[n] for n in args.only] if args.only else MODELS:
-        row = run(entry)
-        print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    for entry in select(parser, args.only):
+        emit(run(entry), RESULTS)
 
 
 if __name__ == "__main__":

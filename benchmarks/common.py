@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -19,6 +20,14 @@ from bdaudit.workflows.clean import DefenseRun, run_defense
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 DATA = ROOT / "sample_data" / "mnist"
+
+
+def emit(row: dict[str, Any], results: Path) -> None:
+    """Print one result row and append it to a JSONL file (benchmarks keep every run)."""
+    print(json.dumps(row), flush=True)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def machine() -> str:

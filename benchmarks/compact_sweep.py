@@ -11,7 +11,6 @@ reach a high share at the chosen side, a clean model's classes a low one.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from blind import CACHE, MNIST, MODELS, TARGET, plant, user_flags  # noqa: E402
+from common import emit  # noqa: E402
 
 from bdaudit.core.data import resolve_data  # noqa: E402
 from bdaudit.detect.families import FamilyJob, score_inverted  # noqa: E402
@@ -62,10 +62,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for name in args.only:
         for seed in args.seeds:
-            row = sweep(name, seed)
-            print(json.dumps(row), flush=True)
-            with RESULTS.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            emit(sweep(name, seed), RESULTS)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ every class, its ``inversion.seconds``), on the same 400 clean images, one threa
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+from common import emit
 
 from bdaudit import api
 
@@ -49,10 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for sample in args.samples:
-        row = measure(sample)
-        print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        emit(measure(sample), RESULTS)
 
 
 if __name__ == "__main__":
