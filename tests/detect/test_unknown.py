@@ -16,11 +16,21 @@ from torch import nn
 from bdaudit import api
 from bdaudit.core.data import ImageSet, load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
-from bdaudit.detect.families.patch import compact_side
+from bdaudit.detect.families import FamilyJob, FamilyResult
+from bdaudit.detect.families.patch import PatchFamily, compact_patch, compact_side
+from bdaudit.detect.inversion import InvertedTrigger, score_classes
 from bdaudit.detect.probe import wilson_interval
-from bdaudit.detect.unknown import DetectSettings, choose_candidates, detect_reasons, detect_unknown, detector_enabled
+from bdaudit.detect.unknown import (
+    DetectSettings,
+    choose_candidates,
+    corroborate,
+    detect_reasons,
+    detect_unknown,
+    detector_enabled,
+)
 from bdaudit.models.checkpoint import build_model, load_model, save_model
 from bdaudit.planting.plant import PlantResult, infer_model_config
+from bdaudit.triggers.base import Trigger
 
 TARGET = 2
 
@@ -227,6 +237,33 @@ def test_brightening_is_a_suspect_that_clean_unlearns_not_a_gate(eval_dir: Path,
 
 
 
+def test_a_brightening_suspect_is_flagged_only_when_the_perturbation_family_singles_out_its_class() -> None:
+    def family(name: str, sizes: list[float], suspects: list[int]) -> FamilyResult:
+        index, _ = score_classes(list(range(len(sizes))), sizes, "log", 6.0)
+        return FamilyResult(family=name, classes=list(range(len(sizes))), sizes=sizes,
+                            attack_success=[0.0] * len(sizes),
+                            anomaly_index=index.tolist(), flagged=[], triggers={}, seconds=0.0, suspects=suspects)
+
+    sizes = [3.0, 3.1, 2.9, 3.2, 3.0, 2.8, 3.1, 3.3, 2.9, 3.0]
+    alone = [family("transform", [0.0] * 10, [3]), family("perturbation", sizes, [])]
+    corroborate(alone, DetectSettings().corroborate_index)  # class 3's perturbation is ordinary
+    assert alone[0].flagged == [] and alone[0].suspects == [3]
+    sizes[3] = 1.0  # now the smallest whole-image change by far (index ~20)
+    both = [family("transform", [0.0] * 10, [3]), family("perturbation", sizes, [])]
+    corroborate(both, DetectSettings().corroborate_index)
+    assert both[0].flagged == [3] and both[0].suspects == [] and both[0].extras[3]["perturbation_index"] > 4
+    reasons = detect_reasons({"families": [f.to_dict([str(c) for c in range(10)]) for f in both]})
+    assert len(reasons) == 1 and "perturbation family singles it out" in reasons[0]
+
+
+def test_a_weak_model_collapsing_under_brightening_stays_a_suspect_with_the_perturbation_family_on(
+        eval_dir: Path) -> None:
+    images = _eval_images(eval_dir)
+    model = _Templates(images.images, images.labels, "collapse")
+    result = detect_unknown(model, images, seed=0, settings=DetectSettings(families=("perturbation", "transform")))
+    assert result.flagged == [] and result.families[1].suspects == [0]
+
+
 @pytest.mark.parametrize("shortcut", ["dot", "none"])
 def test_the_square_sweep_flags_a_tiny_solid_patch_and_nothing_on_a_rule_without_one(eval_dir: Path,
                                                                                     shortcut: str) -> None:
@@ -253,20 +290,43 @@ def test_default_scan_flags_a_tiny_dot_that_mask_inversion_spreads_out(dot_model
 
 
 @pytest.mark.parametrize("shortcut", ["checker", "none"])
-def test_a_compact_patch_confirms_a_patterned_trigger_and_nothing_on_a_rule_without_one(eval_dir: Path,
-                                                                                       shortcut: str) -> None:
+def test_a_compact_patch_confirms_a_patterned_trigger_and_nothing_on_a_rule_without_one(
+        eval_dir: Path, shortcut: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The mask search's size only nominates classes; a free 7x7 patch where the mask is densest decides.
+    # The 40-step mask search is stochastic (on this template rule it often morphs the digit instead),
+    # so the search is pinned here: every class gets a spread mask, class 3 the smallest, densest over
+    # the checkerboard — what the search returns when it finds the trigger (blind benchmark).
     images = _eval_images(eval_dir)
-    result = detect_unknown(_Templates(images.images, images.labels, shortcut), images, seed=0,
-                            settings=DetectSettings(families=("patch",), patch_threshold=0.0))
+    settings = DetectSettings(families=("patch",))
+
+    def pinned(self: PatchFamily, job: FamilyJob) -> tuple[list[float], dict[int, Trigger]]:
+        triggers: dict[int, Trigger] = {}
+        for c in job.classes:
+            mask = torch.full((1, 28, 28), 0.1)
+            if c == 3:
+                mask = torch.zeros(1, 28, 28)
+                mask[:, 21:27, 2:8] = 1
+            pattern = torch.zeros(1, 28, 28)
+            pattern[0, 22:26, 3:7] = ((torch.arange(4)[:, None] + torch.arange(4)[None]) % 2).float()
+            triggers[c] = InvertedTrigger(mask=mask, pattern=pattern, target_class=c)
+        return [float(t.mask.sum()) for t in triggers.values()], triggers  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(PatchFamily, "invert", pinned)
+    result = detect_unknown(_Templates(images.images, images.labels, shortcut), images, seed=0, settings=settings)
     patch = result.families[0]
     rows = patch.to_dict(images.class_names)["classes"]
     tested = [r for r in rows if "compact_asr" in r]
-    assert 1 <= len(tested) <= DetectSettings().compact_tests  # the cost bound: only the nominated few
-    if shortcut == "none":
-        assert patch.flagged == [] and all(r["compact_asr"] < DetectSettings().compact_asr for r in tested), tested
+    if shortcut == "none":  # the reversed checkerboard does nothing here: not even nominated
+        assert patch.flagged == [] and tested == [] and result.flagged == [], rows[3]
+        # and a free 7x7 patch optimised at the same place cannot reach the share that flags
+        model = _Templates(images.images, images.labels, shortcut)
+        job = FamilyJob(model, images, list(range(10)), settings, settings.steps, torch.device("cpu"),
+                        torch.Generator().manual_seed(0))
+        share, _, _ = compact_patch(job, 3, pinned(PatchFamily(), job)[1][3].mask)  # type: ignore[attr-defined]
+        assert share < settings.compact_asr, share
         return
-    assert patch.flagged == [3] and rows[3]["compact_asr"] >= DetectSettings().compact_asr, rows[3]
+    assert [r["class"] for r in tested] == [3]  # only the nominated class pays for a compact test
+    assert patch.flagged == [3] and rows[3]["compact_asr"] >= settings.compact_asr, rows[3]
     found = patch.triggers[3]  # what clean unlearns: a 7x7 window over (most of) the checkerboard
     rows_on, cols_on = found.mask[0].nonzero(as_tuple=True)
     assert found.mask.sum() == compact_side(28, 28) ** 2

@@ -45,7 +45,7 @@ class FamilyResult:
 
     def to_dict(self, class_names: Sequence[str]) -> dict[str, Any]:
         rows = [{"class": c, "name": class_names[c] if c < len(class_names) else str(c),
-                 "size": round(s, 4), "attack_success": round(a, 4),
+                 "size": round(s, 4), "attack_success": _finite(a),
                  "anomaly_index": _finite(i), "flagged": c in self.flagged, **self.extras.get(c, {})}
                 for c, s, a, i in zip(self.classes, self.sizes, self.attack_success, self.anomaly_index,
                                       strict=True)]
@@ -70,7 +70,7 @@ class FamilyJob:
     settings: DetectSettings
     steps: int
     device: torch.device
-    gen: torch.Generator  # the detector's one seeded generator: families draw from it in registry order
+    gen: torch.Generator  # the family's own seeded generator (``unknown.family_seed``)
     seed: int = 0  # the detector's seed, for a step that must not draw from ``gen`` (patch's compact tests)
 
 
@@ -121,15 +121,17 @@ def score_inverted(family: DetectorFamily, job: FamilyJob, sizes: list[float], t
     ``threshold``, below the median) and works on at least half of other classes' images."""
     classes = job.classes
     images = job.images
-    # The success check only screens out triggers that never worked (>= 0.5 below): 256 images
-    # measure that to +-6 points, at a third of the cost of the whole tuning set on the sample model.
-    probe = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:256]
+    index, outliers = score_classes(classes, sizes, "log", threshold)
+    # The success check only screens out triggers that never worked (>= 0.5 below), so only the
+    # outliers it could veto are checked (the others' ``attack_success`` is not measured: NaN): 256
+    # images measure it to +-6 points.
+    probe = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:job.settings.success_images]
     predictor = Predictor(job.classifier, job.device, 256)
-    success = [_success(predictor, images.images[probe], images.labels[probe], triggers[c], c) for c in classes]
+    success = [_success(predictor, images.images[probe], images.labels[probe], triggers[c], c) if c in outliers
+               else float("nan") for c in classes]
     # A trigger that never reached the success threshold is no evidence of a shortcut: score it at
     # its size but never flag it (its "small size" only says the optimiser gave up).
-    index, flagged = score_classes(classes, sizes, "log", threshold)
-    flagged = [c for c in flagged if success[classes.index(c)] >= 0.5]
+    flagged = [c for c in outliers if success[classes.index(c)] >= 0.5]
     return FamilyResult(family=family.name, classes=classes, sizes=sizes, attack_success=success,
                         anomaly_index=index.tolist(), flagged=flagged, triggers=triggers,
                         seconds=time.perf_counter() - started, size_unit=family.size_unit)

@@ -51,23 +51,28 @@ def densest_window(mask: torch.Tensor, side: int) -> tuple[int, int]:
     return top, left
 
 
+def clean_predictions(job: FamilyJob) -> torch.Tensor:
+    """The classifier's answer on every clean image of the job (computed once for all compact tests)."""
+    images = job.images.images
+    with torch.no_grad():
+        return torch.cat([job.classifier(to_float(images[i:i + 256], job.device)).argmax(1).cpu()
+                          for i in range(0, len(images), 256)]) if len(images) else torch.zeros(0, dtype=torch.long)
+
+
 @torch.enable_grad()
-def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor,
-                  side: int | None = None) -> tuple[float, InvertedTrigger, str]:
+def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor, side: int | None = None,
+                  clean_pred: torch.Tensor | None = None) -> tuple[float, InvertedTrigger, str]:
     """Optimise a free square pattern (``side``, default ``compact_side``) towards ``target`` where
     ``mask`` is densest; its success on held-apart images of other classes (neither labelled nor
-    already predicted ``target``)."""
+    already predicted ``target``; ``clean_pred``: ``clean_predictions(job)``, if already known)."""
     s, classifier, device = job.settings, job.classifier, job.device
     gen = torch.Generator().manual_seed(job.seed + COMPACT_SEED_OFFSET + target)
     images, labels = job.images.images, job.images.labels
     _, c, h, w = images.shape
     side = min(side or compact_side(h, w), h, w)
     top, left = densest_window(mask, side)
-    others = (labels != target).nonzero().flatten()
-    with torch.no_grad():
-        pred = torch.cat([classifier(to_float(images[others[i:i + 256]], device)).argmax(1).cpu()
-                          for i in range(0, len(others), 256)]) if len(others) else torch.zeros(0, dtype=torch.long)
-    others = others[pred != target]
+    pred = clean_predictions(job) if clean_pred is None else clean_pred
+    others = ((labels != target) & (pred != target)).nonzero().flatten()
     order = others[torch.randperm(len(others), generator=gen)]
     fit, held = order[:len(order) // 2], order[len(order) // 2:]
     window = torch.zeros(1, h, w)
@@ -122,9 +127,10 @@ class PatchFamily(InvertingFamily):
         index = dict(zip(result.classes, result.anomaly_index, strict=True))
         nominated = sorted(result.flagged, key=lambda c: -index[c] if math.isfinite(index[c]) else -math.inf)
         flagged = []
+        clean_pred = clean_predictions(job) if nominated else None
         for c in nominated[:job.settings.compact_tests]:
             mask = triggers[c].mask  # type: ignore[attr-defined]
-            share, compact, where = compact_patch(job, c, mask)
+            share, compact, where = compact_patch(job, c, mask, clean_pred=clean_pred)
             result.extras[c] = {"compact_asr": round(share, 4), "compact_patch": where}
             if share >= job.settings.compact_asr:
                 flagged.append(c)

@@ -48,6 +48,20 @@ TRANSFORM_GRID: tuple[tuple[str, tuple[Any, ...]], ...] = (
 )
 
 
+def distinct_transforms(channels: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """``TRANSFORM_GRID`` less the entries that act alike on images of ``channels`` (on greyscale a
+    colour gain is its mean gain, so four colour filters are two)."""
+    seen, kept = set(), []
+    for kind, params in TRANSFORM_GRID:
+        key: tuple[Any, ...] = (kind, params)
+        if kind == "intensity" and len(params[0]) != channels:
+            key = (kind, round(sum(params[0]) / len(params[0]), 6), params[1])
+        if key not in seen:
+            seen.add(key)
+            kept.append((kind, params))
+    return kept
+
+
 @dataclass(frozen=True, eq=False)
 class TransformTrigger(Trigger):
     """A whole-image transform from ``TRANSFORM_GRID`` that sends clean images to one class; ``null``
@@ -102,7 +116,7 @@ class TransformFamily(DetectorFamily):
         x_all, y_all = to_float(images[pick], job.device), labels[pick]
         best = [0.0] * num_classes
         found: dict[int, TransformTrigger] = {}
-        for kind, params in TRANSFORM_GRID:
+        for kind, params in distinct_transforms(x_all.shape[1]):
             trig = TransformTrigger(kind=kind, params_=params)
             preds = torch.cat([classifier(trig.apply(x_all[i:i + 256])).argmax(1).cpu()
                                for i in range(0, len(x_all), 256)])
