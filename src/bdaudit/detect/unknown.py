@@ -13,7 +13,8 @@ Four families, because each is blind where another sees — one module each unde
 Cleanse's MAD rule on log sizes (``inversion.score_classes``), below the median. ``perturbation``
 flags above ``perturbation_threshold`` (6: above NC's 2 because the budget is short; clean MNIST
 models reach 4.7); ``patch``'s index only nominates, because on clean models it reached 11.6
-(benchmarks/README.md, "Blind generalisation"). A class is flagged when any family flags it.
+(benchmarks/README.md, "Blind generalisation"). A class is flagged when any family flags it, or
+when it is a brightening ``transform`` suspect that ``perturbation`` singles out too (``corroborate``).
 
 Cost is bounded, not linear in the number of classes: with more than ``max_candidates`` classes a
 class-count-independent pre-screen — one *untargeted* universal perturbation, optimised to push

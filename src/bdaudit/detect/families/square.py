@@ -1,6 +1,6 @@
 """``square``: no optimisation; a solid black or white square about a seventh of the image side is
 stamped at every position of a grid whose stride is one pixel less than its side (so any patch up to
-half its side lies wholly inside one placement), on ``square_images`` (32) clean images. Per class,
+half its side lies wholly inside one placement), on ``square_images`` (16) clean images. Per class,
 the placement that moves the largest share of other classes' images to it is re-measured on up to
 ``square_confirm`` (256) *other* clean images, and the class is flagged when that share is at least
 ``square_asr`` (0.5).

@@ -1,5 +1,5 @@
 """``transform``: no optimisation; a fixed grid of mild affine and colour transforms
-(``TRANSFORM_GRID``) is tried on ``transform_images`` (256) clean images, and a class that one of
+(``TRANSFORM_GRID``) is tried on ``transform_images`` (128) clean images, and a class that one of
 them sends >= ``transform_asr`` (80 %) of other classes' images to is flagged. A contrast/brightness
 filter is large in L2 (0.3 on every pixel) and invisible to ``perturbation``; brightening only
 makes *suspects* (see ``TransformFamily.run``)."""
