@@ -87,7 +87,9 @@ class DetectSettings:
     perturbation_threshold: float = 6.0
     success_images: int = 256  # clean images an outlier's reversed trigger is checked on
     compact_tests: int = 3  # nominated classes given the compact-patch test, most anomalous first
-    compact_steps: int = 40  # mini-batches optimising each compact patch
+    compact_steps: int = 40  # mini-batches optimising each compact patch (pilot steps included)
+    compact_windows: int = 3  # densest mask windows tried per class ...
+    compact_pilot: int = 10  # ... for this many mini-batches each; the best one continues
     compact_batch: int = 32  # images per mini-batch (16 left the share too noisy to separate)
     compact_asr: float = 0.6  # flagged when the compact patch sends this share of held-apart images
     transform_images: int = 128  # clean images each grid transform is tried on (256 gave the same shares +-0.04)
@@ -107,9 +109,11 @@ class DetectSettings:
         if self.steps < 1 or self.batch_size < 1 or self.max_candidates < 3 or self.prescreen_steps < 1 \
                 or self.square_images < 1 or self.square_confirm < 1 or self.compact_tests < 1 \
                 or self.compact_steps < 1 or self.compact_batch < 1 \
-                or self.success_images < 1 or self.refine_steps < 0:
+                or self.success_images < 1 or self.refine_steps < 0 or self.compact_windows < 1 \
+                or self.compact_pilot < 0:
             raise BdauditError("detector steps, batch size, pre-screen steps, square images, success images and "
-                               "compact tests must be >= 1, refine_steps >= 0 and max_candidates >= 3")
+                               "compact tests and windows must be >= 1, refine_steps and compact_pilot >= 0 and "
+                               "max_candidates >= 3")
         for name in ("square_asr", "compact_asr", "transform_asr"):
             if not 0 < getattr(self, name) <= 1:
                 raise BdauditError(f"`{name}` must be in (0, 1], not {getattr(self, name)}")

@@ -45,10 +45,19 @@ def compact_side(height: int, width: int) -> int:
 
 def densest_window(mask: torch.Tensor, side: int) -> tuple[int, int]:
     """Top-left corner of the ``side`` x ``side`` window holding most of ``mask`` (1, H, W)."""
+    return densest_windows(mask, side, 1)[0]
+
+
+def densest_windows(mask: torch.Tensor, side: int, k: int) -> list[tuple[int, int]]:
+    """Top-left corners of up to ``k`` non-overlapping ``side`` x ``side`` windows, most mask first."""
     h, w = mask.shape[-2:]
-    mass = F.avg_pool2d(mask.reshape(1, 1, h, w).float(), side, stride=1)[0, 0]
-    top, left = divmod(int(mass.flatten().argmax()), mass.shape[1])
-    return top, left
+    mass = F.avg_pool2d(mask.reshape(1, 1, h, w).float(), side, stride=1)[0, 0].clone()
+    corners: list[tuple[int, int]] = []
+    while len(corners) < k and bool((mass > -1).any()):
+        top, left = divmod(int(mass.flatten().argmax()), mass.shape[1])
+        corners.append((top, left))
+        mass[max(0, top - side + 1):top + side, max(0, left - side + 1):left + side] = -2  # overlapping ones
+    return corners
 
 
 def clean_predictions(job: FamilyJob) -> torch.Tensor:
@@ -59,47 +68,80 @@ def clean_predictions(job: FamilyJob) -> torch.Tensor:
                           for i in range(0, len(images), 256)]) if len(images) else torch.zeros(0, dtype=torch.long)
 
 
+class _Compact:
+    """One free ``side`` x ``side`` pattern at one window, optimised towards a class."""
+
+    def __init__(self, job: FamilyJob, corner: tuple[int, int], side: int) -> None:
+        self.job, (self.top, self.left), self.side = job, corner, side
+        _, c, self.h, self.w = job.images.images.shape
+        self.window = torch.zeros(1, self.h, self.w)
+        self.window[:, self.top:self.top + side, self.left:self.left + side] = 1
+        self.window_d = self.window.to(job.device)
+        self.raw = torch.zeros(1, c, side, side, device=job.device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.raw], lr=job.settings.lr)
+
+    def pattern(self) -> torch.Tensor:
+        pad = (self.left, self.w - self.left - self.side, self.top, self.h - self.top - self.side)
+        return F.pad(torch.sigmoid(4 * self.raw), pad)
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.window_d) * x + self.window_d * self.pattern()
+
+    def fit(self, indices: torch.Tensor, target: int, steps: int, gen: torch.Generator) -> None:
+        images, s, device = self.job.images.images, self.job.settings, self.job.device
+        for _ in range(steps):
+            pick = indices[torch.randint(0, len(indices), (s.compact_batch,), generator=gen)]
+            x = to_float(images[pick], device)
+            loss = F.cross_entropy(self.job.classifier(self.stamp(x)), torch.full((len(x),), target, device=device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+
+    @torch.no_grad()
+    def hits(self, indices: torch.Tensor, target: int) -> int:
+        images, device = self.job.images.images, self.job.device
+        return sum(int((self.job.classifier(self.stamp(to_float(images[indices[i:i + 256]], device))).argmax(1)
+                        == target).sum()) for i in range(0, len(indices), 256))
+
+
 @torch.enable_grad()
 def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor, side: int | None = None,
                   clean_pred: torch.Tensor | None = None) -> tuple[float, InvertedTrigger, str]:
     """Optimise a free square pattern (``side``, default ``compact_side``) towards ``target`` where
     ``mask`` is densest; its success on held-apart images of other classes (neither labelled nor
-    already predicted ``target``; ``clean_pred``: ``clean_predictions(job)``, if already known)."""
-    s, classifier, device = job.settings, job.classifier, job.device
+    already predicted ``target``; ``clean_pred``: ``clean_predictions(job)``, if already known).
+
+    A short mask search often spreads over two or three similar spots, and the trigger is not always
+    the densest (blind benchmark: a 5x5 cross at 1 % poison, 0.39-0.50 at the densest window and
+    0.94-1.0 at the next). So the ``compact_windows`` densest windows each get ``compact_pilot`` steps,
+    the one whose patch moves most of a fixed fit sample goes on for the rest of ``compact_steps``, and
+    only that one is measured on the held-apart images (the choice never sees them)."""
+    s = job.settings
     gen = torch.Generator().manual_seed(job.seed + COMPACT_SEED_OFFSET + target)
     images, labels = job.images.images, job.images.labels
-    _, c, h, w = images.shape
+    _, _, h, w = images.shape
     side = min(side or compact_side(h, w), h, w)
-    top, left = densest_window(mask, side)
     pred = clean_predictions(job) if clean_pred is None else clean_pred
     others = ((labels != target) & (pred != target)).nonzero().flatten()
     order = others[torch.randperm(len(others), generator=gen)]
     fit, held = order[:len(order) // 2], order[len(order) // 2:]
-    window = torch.zeros(1, h, w)
-    window[:, top:top + side, left:left + side] = 1
-    window_d = window.to(device)
-    raw = torch.zeros(1, c, side, side, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([raw], lr=s.lr)
-
-    def stamp(x: torch.Tensor) -> torch.Tensor:
-        full = F.pad(torch.sigmoid(4 * raw), (left, w - left - side, top, h - top - side))
-        return (1 - window_d) * x + window_d * full
-
+    corners = densest_windows(mask, side, s.compact_windows)
+    patches = [_Compact(job, corner, side) for corner in corners]
     if len(fit) and len(held):
-        for _ in range(s.compact_steps):
-            pick = fit[torch.randint(0, len(fit), (s.compact_batch,), generator=gen)]
-            x = to_float(images[pick], device)
-            loss = F.cross_entropy(classifier(stamp(x)), torch.full((len(x),), target, device=device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        pilot = min(s.compact_pilot, s.compact_steps) if len(patches) > 1 else 0
+        if pilot:
+            for patch in patches:
+                patch.fit(fit, target, pilot, gen)
+            sample = fit[:64]
+            scores = [patch.hits(sample, target) for patch in patches]
+            patches = [patches[scores.index(max(scores))]]  # ties: the densest window
+        patches[0].fit(fit, target, s.compact_steps - pilot, gen)
+    chosen = patches[0]
+    share = chosen.hits(held, target) / len(held) if len(held) else 0.0
     with torch.no_grad():
-        pattern = F.pad(torch.sigmoid(4 * raw), (left, w - left - side, top, h - top - side))[0].cpu()
-        hits = sum(int((classifier(stamp(to_float(images[held[i:i + 256]], device))).argmax(1) == target).sum())
-                   for i in range(0, len(held), 256))
-    share = hits / len(held) if len(held) else 0.0
-    where = f"{side}x{side} patch at row {top}, column {left}"
-    return share, InvertedTrigger(mask=window, pattern=pattern, target_class=target), where
+        pattern = chosen.pattern()[0].cpu()
+    where = f"{side}x{side} patch at row {chosen.top}, column {chosen.left}"
+    return share, InvertedTrigger(mask=chosen.window, pattern=pattern, target_class=target), where
 
 
 class PatchFamily(InvertingFamily):
