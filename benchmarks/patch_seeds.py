@@ -3,8 +3,9 @@
 For each model (planted and cached by ``blind.py``) and scan seed, the scan's own tuning split for
 that seed goes through the default patch family alone (``detect_unknown`` with
 ``families=("patch",)``); one line per model and seed: the flagged classes and every compact-patch
-share (``compact_asr``) with its place. A backdoor's target should clear ``compact_asr`` (0.6) at
-every seed and a clean model's classes never.
+share (``compact_asr``), its mean confidence and its place. A backdoor's target should be confirmed
+(``patch.confirms``: share >= 0.8, or >= 0.6 at >= 0.9 confidence) at every seed and a clean model's
+classes never.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/patch_seeds.py [--only NAME ...] [--seeds 0 1 2]
 """
@@ -52,6 +53,7 @@ def main() -> None:
             rows = [r for r in result["families"][0]["classes"] if "compact_asr" in r]
             emit({"model": name, "trigger": entry[1], "seed": seed, "commit": commit, "flagged": result["flagged"],
                   "compact": {r["class"]: r["compact_asr"] for r in rows},
+                  "confidence": {r["class"]: r["compact_confidence"] for r in rows},
                   "where": {r["class"]: r["compact_patch"] for r in rows}}, RESULTS)
 
 

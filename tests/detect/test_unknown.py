@@ -17,7 +17,15 @@ from bdaudit import api
 from bdaudit.core.data import ImageSet, load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
 from bdaudit.detect.families import FamilyJob, FamilyResult
-from bdaudit.detect.families.patch import PatchFamily, compact_patch, compact_side, densest_window, densest_windows
+from bdaudit.detect.families.patch import (
+    CompactResult,
+    PatchFamily,
+    compact_patch,
+    compact_side,
+    confirms,
+    densest_window,
+    densest_windows,
+)
 from bdaudit.detect.inversion import InvertedTrigger, score_classes
 from bdaudit.detect.probe import wilson_interval
 from bdaudit.detect.unknown import (
@@ -313,7 +321,7 @@ def test_the_compact_patch_finds_the_trigger_at_the_second_densest_window(eval_d
     mask = torch.zeros(1, 28, 28)
     mask[:, 6:12, 14:20] = 1.0  # the decoy, in the digits
     mask[:, 21:27, 2:8] = 0.8  # over the checkerboard
-    share, trigger, where = compact_patch(job, 3, mask)
+    share, _, trigger, where = compact_patch(job, 3, mask)
     rows_on, cols_on = trigger.mask[0].nonzero(as_tuple=True)
     if windows == 1:  # the densest window alone is the decoy, and nothing fires there
         assert rows_on.max() < 20 and share < settings.compact_asr, (share, where)
@@ -355,14 +363,27 @@ def test_a_compact_patch_confirms_a_patterned_trigger_and_nothing_on_a_rule_with
         model = _Templates(images.images, images.labels, shortcut)
         job = FamilyJob(model, images, list(range(10)), settings, settings.steps, torch.device("cpu"),
                         torch.Generator().manual_seed(0))
-        share, _, _ = compact_patch(job, 3, pinned(PatchFamily(), job)[1][3].mask)  # type: ignore[attr-defined]
-        assert share < settings.compact_asr, share
+        found = compact_patch(job, 3, pinned(PatchFamily(), job)[1][3].mask)  # type: ignore[attr-defined]
+        assert not confirms(found, settings) and found.share < settings.compact_asr, found.share
         return
     assert [r["class"] for r in tested] == [3]  # only the nominated class pays for a compact test
     assert patch.flagged == [3] and rows[3]["compact_asr"] >= settings.compact_asr, rows[3]
+    assert rows[3]["compact_confidence"] >= settings.compact_confidence, rows[3]  # a trigger is answered surely
     found = patch.triggers[3]  # what clean unlearns: a 7x7 window over (most of) the checkerboard
     rows_on, cols_on = found.mask[0].nonzero(as_tuple=True)
     assert found.mask.sum() == compact_side(28, 28) ** 2
     assert rows_on.min() <= 23 and rows_on.max() >= 24 and cols_on.min() <= 4 and cols_on.max() >= 5
     reasons = detect_reasons(result.to_dict())
     assert len(reasons) == 1 and "7x7 patch at row" in reasons[0] and "'3'" in reasons[0]
+
+
+@pytest.mark.parametrize(("share", "confidence", "flagged"), [
+    (0.62, 0.88, False),  # the shipped clean encoder sample's class 8: an easy class, answered unsurely
+    (0.64, 0.92, True),  # a 4x4 checkerboard at 1 % poison, half covered by the window: answered surely
+    (0.82, 0.70, True),  # most images moved: flagged at any confidence
+    (0.55, 0.99, False),
+])
+def test_a_compact_share_below_sure_needs_a_confident_answer(share: float, confidence: float, flagged: bool) -> None:
+    found = CompactResult(share, confidence, InvertedTrigger(mask=torch.zeros(1, 4, 4), pattern=torch.zeros(1, 4, 4),
+                                                             target_class=3), "")
+    assert confirms(found, DetectSettings()) is flagged

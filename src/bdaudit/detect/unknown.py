@@ -91,15 +91,17 @@ class DetectSettings:
     compact_windows: int = 3  # densest mask windows tried per class ...
     compact_pilot: int = 10  # ... for this many mini-batches each; the best one continues
     compact_batch: int = 32  # images per mini-batch (16 left the share too noisy to separate)
-    compact_asr: float = 0.6  # flagged when the compact patch sends this share of held-apart images
+    compact_asr: float = 0.6  # flagged when the compact patch sends this share of held-apart images ...
+    compact_confidence: float = 0.9  # ... at this mean target probability (families/patch.py ``confirms``),
+    compact_sure: float = 0.8  # ... or this share at any confidence
     transform_images: int = 128  # clean images each grid transform is tried on (256 gave the same shares +-0.04)
     transform_asr: float = 0.8  # a grid transform sending this share of other classes' images to one class
     # A brightening transform alone only makes a suspect (a weak clean model can answer brightened
     # images with one class); a suspect class that is also the perturbation family's outlier at this
     # index is flagged. Measured: blend, frequency and reflection targets 5.5-17.6; a non-target
-    # suspect 1.6; the tests' weak-model stand-in 2.9; no clean blind model had a suspect at all
-    # (benchmarks/README.md, "Blind generalisation").
-    corroborate_index: float = 4.0
+    # suspect 1.6; the tests' weak-model stand-in 2.9; the tests' weak clean CNN (97.5 %), whose
+    # class 0 takes every image brightened by a quarter, 4.65 (4.0 flagged it: a false alarm).
+    corroborate_index: float = 5.0
     square_images: int = 16  # clean images every solid-square placement is screened on (32 moved shares <= 0.02)
     square_confirm: int = 256  # other clean images a class's best placement is re-measured on
     square_asr: float = 0.5  # flagged when the best placement moves this share of other classes' images
@@ -114,7 +116,7 @@ class DetectSettings:
             raise BdauditError("detector steps, batch size, pre-screen steps, square images, success images and "
                                "compact tests and windows must be >= 1, refine_steps and compact_pilot >= 0 and "
                                "max_candidates >= 3")
-        for name in ("square_asr", "compact_asr", "transform_asr"):
+        for name in ("square_asr", "compact_asr", "compact_confidence", "compact_sure", "transform_asr"):
             if not 0 < getattr(self, name) <= 1:
                 raise BdauditError(f"`{name}` must be in (0, 1], not {getattr(self, name)}")
         unknown = [f for f in self.families if f not in DETECTOR_FAMILIES]
@@ -310,7 +312,8 @@ def detect_reasons(summary: dict[str, Any], when: str = "") -> list[str]:
             if "compact_asr" in row:
                 lines.append(f"unknown-trigger detector{when}: a {row['compact_patch']} sends "
                              f"{row['compact_asr']:.0%} of other classes' held-apart clean images to class "
-                             f"{row['name']!r} (its reversed mask: {row['size']:.1f} pixels, anomaly index "
+                             f"{row['name']!r} at {row['compact_confidence']:.0%} mean confidence (its reversed "
+                             f"mask: {row['size']:.1f} pixels, anomaly index "
                              f"{row['anomaly_index']}) — a likely patch trigger")
                 continue
             lines.append(f"unknown-trigger detector{when}: class {row['name']!r} is reached with a "

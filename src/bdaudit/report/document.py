@@ -19,7 +19,8 @@ from bdaudit.models.checkpoint import LoadedModel
 # 1.5: clean.accuracy_drop_ci95; 1.6: detector family "square" (square, screen_share per class; refined.families)
 # 1.7: patch family's compact-patch confirmation (compact_asr, compact_patch per class)
 # 1.8: transform rows' perturbation_index (corroborated brightening suspects); attack_success null where unmeasured
-SCHEMA_VERSION = "1.8.0"
+# 1.9: patch rows' compact_confidence (a compact share below compact_sure needs a confident one)
+SCHEMA_VERSION = "1.9.0"
 
 
 @cache

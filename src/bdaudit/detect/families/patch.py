@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -101,14 +101,28 @@ class _Compact:
 
     @torch.no_grad()
     def hits(self, indices: torch.Tensor, target: int) -> int:
+        return len(self.sent(indices, target))
+
+    @torch.no_grad()
+    def sent(self, indices: torch.Tensor, target: int) -> torch.Tensor:
+        """The target's softmax probability on every stamped image the classifier sends to ``target``."""
         images, device = self.job.images.images, self.job.device
-        return sum(int((self.job.classifier(self.stamp(to_float(images[indices[i:i + 256]], device))).argmax(1)
-                        == target).sum()) for i in range(0, len(indices), 256))
+        probs = [F.softmax(self.job.classifier(self.stamp(to_float(images[indices[i:i + 256]], device))), 1).cpu()
+                 for i in range(0, len(indices), 256)]
+        p = torch.cat(probs) if probs else torch.zeros(0, 1)
+        return p[p.argmax(1) == target, target] if len(p) else p[:, 0]
+
+
+class CompactResult(NamedTuple):
+    share: float  # of held-apart images of other classes sent to the target
+    confidence: float  # mean target probability on those it sent
+    trigger: InvertedTrigger
+    where: str
 
 
 @torch.enable_grad()
 def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor, side: int | None = None,
-                  clean_pred: torch.Tensor | None = None) -> tuple[float, InvertedTrigger, str]:
+                  clean_pred: torch.Tensor | None = None) -> CompactResult:
     """Optimise a free square pattern (``side``, default ``compact_side``) towards ``target`` where
     ``mask`` is densest; its success on held-apart images of other classes (neither labelled nor
     already predicted ``target``; ``clean_pred``: ``clean_predictions(job)``, if already known).
@@ -139,11 +153,22 @@ def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor, side: int | N
             patches = [patches[scores.index(max(scores))]]  # ties: the densest window
         patches[0].fit(fit, target, s.compact_steps - pilot, gen)
     chosen = patches[0]
-    share = chosen.hits(held, target) / len(held) if len(held) else 0.0
+    sent = chosen.sent(held, target)
+    share = len(sent) / len(held) if len(held) else 0.0
     with torch.no_grad():
         pattern = chosen.pattern()[0].cpu()
     where = f"{side}x{side} patch at row {chosen.top}, column {chosen.left}"
-    return share, InvertedTrigger(mask=chosen.window, pattern=pattern, target_class=target), where
+    return CompactResult(share, float(sent.mean()) if len(sent) else 0.0,
+                         InvertedTrigger(mask=chosen.window, pattern=pattern, target_class=target), where)
+
+
+def confirms(found: CompactResult, settings: DetectSettings) -> bool:
+    """A backdoor answers its trigger with near-certainty (the low-entropy signature STRIP tests for); a
+    clean model's naturally easy class (MNIST's 8) reached 0.62 of images with a free patch, but at
+    0.86-0.88 mean confidence. So a share of ``compact_sure`` flags alone; from ``compact_asr`` it
+    needs a mean confidence of ``compact_confidence`` too."""
+    return found.share >= settings.compact_sure or (found.share >= settings.compact_asr
+                                                    and found.confidence >= settings.compact_confidence)
 
 
 class PatchFamily(InvertingFamily):
@@ -174,11 +199,12 @@ class PatchFamily(InvertingFamily):
         clean_pred = clean_predictions(job) if nominated else None
         for c in nominated[:job.settings.compact_tests]:
             mask = triggers[c].mask  # type: ignore[attr-defined]
-            share, compact, where = compact_patch(job, c, mask, clean_pred=clean_pred)
-            result.extras[c] = {"compact_asr": round(share, 4), "compact_patch": where}
-            if share >= job.settings.compact_asr:
+            found = compact_patch(job, c, mask, clean_pred=clean_pred)
+            result.extras[c] = {"compact_asr": round(found.share, 4), "compact_confidence": round(found.confidence, 4),
+                                "compact_patch": found.where}
+            if confirms(found, job.settings):
                 flagged.append(c)
-                result.triggers[c] = compact  # what clean unlearns: the patch that fired, not the spread mask
+                result.triggers[c] = found.trigger  # what clean unlearns: the patch that fired, not the spread mask
         result.flagged = sorted(flagged)
         result.seconds = time.perf_counter() - started
         return result
