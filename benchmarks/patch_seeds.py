@@ -4,8 +4,9 @@ For each model (planted and cached by ``blind.py``) and scan seed, the scan's ow
 that seed goes through the default patch family alone (``detect_unknown`` with
 ``families=("patch",)``); one line per model and seed: the flagged classes and every compact-patch
 share (``compact_asr``), its mean confidence and its place. A backdoor's target should be confirmed
-(``patch.confirms``: share >= 0.8, or >= 0.6 at >= 0.9 confidence) at every seed and a clean model's
-classes never.
+(``patch.confirms``: share >= 0.9) at every seed and a clean model's classes never. ``encoder_clean``
+is the shipped clean encoder sample, scanned on the shipped clean folder (a weak model with a strong
+natural class 8).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/patch_seeds.py [--only NAME ...] [--seeds 0 1 2]
 """
@@ -30,7 +31,8 @@ from bdaudit.models.checkpoint import load_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "patch_seeds.jsonl"
 DEFAULT = ["small_clean_s0", "small_clean_s1", "small_clean_s2", "net_clean_s0", "small_patch_dot_10",
-           "small_patch_cross_1", "small_patch_cross_10", "net_patch_checker_1", "net_patch_grey_10"]
+           "small_patch_cross_1", "small_patch_cross_10", "net_patch_checker_1", "net_patch_grey_10", "encoder_clean"]
+SAMPLE = ROOT / "sample_models" / "encoder_clean.safetensors"
 
 
 def main() -> None:
@@ -43,9 +45,12 @@ def main() -> None:
                             cwd=ROOT).stdout.strip()
     entries = {m[0]: m for m in MODELS}
     for name in args.only:
-        entry = entries[name]
-        plant(*entry)
-        loaded = load_model(CACHE / f"{name}.safetensors", user_flags(entry[3]))
+        entry = entries.get(name, (name, None))
+        if name == "encoder_clean":
+            loaded = load_model(SAMPLE)
+        else:
+            plant(*entry)
+            loaded = load_model(CACHE / f"{name}.safetensors", user_flags(entry[3]))
         for seed in args.seeds:
             split = resolve_data(MNIST / "clean", loaded.config, 0.2, seed)
             result = detect_unknown(loaded.classifier(), split.tune, seed=seed,

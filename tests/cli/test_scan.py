@@ -56,9 +56,12 @@ def test_family_level_backdoors_in_the_samples_are_flagged(sample: str, eval_dir
 
 
 def test_the_clean_sample_passes_every_gate(eval_dir: Path) -> None:
-    for sample in ("clean", "encoder_clean"):
-        result = invoke("scan", SAMPLES / f"{sample}.safetensors", "--data", eval_dir, "--device", "cpu", "-q")
-        assert result.exit_code == 0, (sample, result.output)
+    # encoder_clean on the shipped clean folder: a weak encoder whose class 8 a free 7x7 patch reaches
+    # on 74 % of images (a false alarm until the compact patch had to override the image: 90 %).
+    shipped = eval_dir.parent / "clean"
+    for sample, data in (("clean", eval_dir), ("encoder_clean", eval_dir), ("encoder_clean", shipped)):
+        result = invoke("scan", SAMPLES / f"{sample}.safetensors", "--data", data, "--device", "cpu", "-q")
+        assert result.exit_code == 0, (sample, data.name, result.output)
 
 
 def test_gate_reasons() -> None:

@@ -368,7 +368,7 @@ def test_a_compact_patch_confirms_a_patterned_trigger_and_nothing_on_a_rule_with
         return
     assert [r["class"] for r in tested] == [3]  # only the nominated class pays for a compact test
     assert patch.flagged == [3] and rows[3]["compact_asr"] >= settings.compact_asr, rows[3]
-    assert rows[3]["compact_confidence"] >= settings.compact_confidence, rows[3]  # a trigger is answered surely
+    assert rows[3]["compact_confidence"] >= 0.9, rows[3]  # a trigger is answered surely
     found = patch.triggers[3]  # what clean unlearns: a 7x7 window over (most of) the checkerboard
     rows_on, cols_on = found.mask[0].nonzero(as_tuple=True)
     assert found.mask.sum() == compact_side(28, 28) ** 2
@@ -378,12 +378,34 @@ def test_a_compact_patch_confirms_a_patterned_trigger_and_nothing_on_a_rule_with
 
 
 @pytest.mark.parametrize(("share", "confidence", "flagged"), [
-    (0.62, 0.88, False),  # the shipped clean encoder sample's class 8: an easy class, answered unsurely
-    (0.64, 0.92, True),  # a 4x4 checkerboard at 1 % poison, half covered by the window: answered surely
-    (0.82, 0.70, True),  # most images moved: flagged at any confidence
-    (0.55, 0.99, False),
+    (0.88, 0.94, False),  # the shipped clean encoder sample's class 8 at its worst seed: answered surely, still natural
+    (0.92, 0.97, True),  # a 4x4 checkerboard at 1 % poison after recentring, the lowest trigger measured
+    (0.95, 0.70, True),  # confidence is reported, not a gate
 ])
-def test_a_compact_share_below_sure_needs_a_confident_answer(share: float, confidence: float, flagged: bool) -> None:
+def test_only_a_share_that_overrides_the_image_confirms(share: float, confidence: float, flagged: bool) -> None:
     found = CompactResult(share, confidence, InvertedTrigger(mask=torch.zeros(1, 4, 4), pattern=torch.zeros(1, 4, 4),
                                                              target_class=3), "")
     assert confirms(found, DetectSettings()) is flagged
+
+
+@pytest.mark.parametrize(("top", "shift_from"), [(18, 0.5), (17, 0.1)])
+def test_a_window_over_part_of_the_trigger_is_recentred_onto_it(eval_dir: Path, top: int, shift_from: float) -> None:
+    # The blind benchmark's 1 % checkerboard: a window holding two or three of its four rows fired on
+    # 0.64-0.82 of images; half a window down it fires on all. Measured here: 0.21 at row 17, 0.93 at 18.
+    images = _eval_images(eval_dir)
+    model = _Templates(images.images, images.labels, "checker")
+    mask = torch.zeros(1, 28, 28)
+    mask[:, top:top + 7, 2:9] = 1.0  # the densest window: rows top..top+6, the checkerboard's are 22-25
+    found = {}
+    for steps in (0, 20):
+        settings = DetectSettings(families=("patch",), compact_windows=1, compact_shift_steps=steps,
+                                  compact_shift_from=shift_from)
+        job = FamilyJob(model, images, list(range(10)), settings, settings.steps, torch.device("cpu"),
+                        torch.Generator().manual_seed(0))
+        found[steps] = compact_patch(job, 3, mask)
+    assert found[0].share < 0.95 and found[0].where.startswith(f"7x7 patch at row {top},"), found[0]
+    rows_on = found[20].trigger.mask[0].nonzero(as_tuple=True)[0]
+    assert rows_on.min() <= 22 and rows_on.max() >= 25, found[20].where  # all four rows inside
+    assert found[20].share >= DetectSettings().compact_asr and found[20].share > found[0].share, found
+    if top == 17:
+        assert found[0].share < DetectSettings().compact_asr  # missed without recentring

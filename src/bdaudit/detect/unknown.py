@@ -91,9 +91,10 @@ class DetectSettings:
     compact_windows: int = 3  # densest mask windows tried per class ...
     compact_pilot: int = 10  # ... for this many mini-batches each; the best one continues
     compact_batch: int = 32  # images per mini-batch (16 left the share too noisy to separate)
-    compact_asr: float = 0.6  # flagged when the compact patch sends this share of held-apart images ...
-    compact_confidence: float = 0.9  # ... at this mean target probability (families/patch.py ``confirms``),
-    compact_sure: float = 0.8  # ... or this share at any confidence
+    compact_asr: float = 0.9  # flagged when the compact patch sends this share of held-apart images there
+    compact_shift_from: float = 0.5  # a patch moving this share of the fit sample ...
+    compact_shift_until: float = 0.95  # ... but less than this ...
+    compact_shift_steps: int = 20  # ... is also tried half a window off; the best goes on this long (0: off)
     transform_images: int = 128  # clean images each grid transform is tried on (256 gave the same shares +-0.04)
     transform_asr: float = 0.8  # a grid transform sending this share of other classes' images to one class
     # A brightening transform alone only makes a suspect (a weak clean model can answer brightened
@@ -112,11 +113,11 @@ class DetectSettings:
                 or self.square_images < 1 or self.square_confirm < 1 or self.compact_tests < 1 \
                 or self.compact_steps < 1 or self.compact_batch < 1 \
                 or self.success_images < 1 or self.refine_steps < 0 or self.compact_windows < 1 \
-                or self.compact_pilot < 0:
+                or self.compact_pilot < 0 or self.compact_shift_steps < 0:
             raise BdauditError("detector steps, batch size, pre-screen steps, square images, success images and "
-                               "compact tests and windows must be >= 1, refine_steps and compact_pilot >= 0 and "
-                               "max_candidates >= 3")
-        for name in ("square_asr", "compact_asr", "compact_confidence", "compact_sure", "transform_asr"):
+                               "compact tests and windows must be >= 1, refine_steps, compact_pilot and "
+                               "compact_shift_steps >= 0 and max_candidates >= 3")
+        for name in ("square_asr", "compact_asr", "compact_shift_from", "compact_shift_until", "transform_asr"):
             if not 0 < getattr(self, name) <= 1:
                 raise BdauditError(f"`{name}` must be in (0, 1], not {getattr(self, name)}")
         unknown = [f for f in self.families if f not in DETECTOR_FAMILIES]

@@ -20,7 +20,9 @@ from bdaudit.models.checkpoint import LoadedModel
 # 1.7: patch family's compact-patch confirmation (compact_asr, compact_patch per class)
 # 1.8: transform rows' perturbation_index (corroborated brightening suspects); attack_success null where unmeasured
 # 1.9: patch rows' compact_confidence (a compact share below compact_sure needs a confident one)
-SCHEMA_VERSION = "1.9.0"
+# 1.10: detection settings compact_sure/compact_confidence gone (compact_asr alone gates, after
+#       recentring: compact_shift_from/until/steps)
+SCHEMA_VERSION = "1.10.0"
 
 
 @cache
