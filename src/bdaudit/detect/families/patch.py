@@ -126,24 +126,36 @@ class _Compact:
         return p[p.argmax(1) == target, target] if len(p) else p[:, 0]
 
 
+PILOT_SAMPLE = 64  # fit images that judge the pilots
+
+
+def best_after_pilot(patches: list[_Compact], fit: torch.Tensor, target: int, steps: int,
+                     gen: torch.Generator) -> tuple[_Compact, int]:
+    """Fit each candidate ``steps`` mini-batches; the one moving most of the first fit images (the
+    earliest on ties), with its hit count."""
+    for patch in patches:
+        patch.fit(fit, target, steps, gen)
+    scores = [patch.hits(fit[:PILOT_SAMPLE], target) for patch in patches]
+    return patches[scores.index(max(scores))], max(scores)
+
+
 def recentre(patch: _Compact, fit: torch.Tensor, target: int, gen: torch.Generator) -> _Compact:
     """A window that holds only part of a trigger fires on part of the images (blind benchmark: a 4x4
     checkerboard at 1 % poison, 0.64 with two of its rows inside the window, 1.0 with all four). So a patch in the
     grey zone (``compact_shift_from`` <= share of the fit sample < ``compact_shift_until``) is also tried half a
     window up, down, left and right, pattern carried, for ``compact_pilot`` steps each; the best on the
     fit sample goes on for ``compact_shift_steps`` more. Fit images only: the held-apart ones judge."""
-    s, sample = patch.job.settings, fit[:64]
-    base = patch.hits(sample, target) / len(sample)
-    if not s.compact_shift_steps or not s.compact_shift_from <= base < s.compact_shift_until:
+    s, sample = patch.job.settings, fit[:PILOT_SAMPLE]
+    base = patch.hits(sample, target)
+    if not s.compact_shift_steps or not s.compact_shift_from <= base / len(sample) < s.compact_shift_until:
         return patch
     d = max(1, patch.side // 2)
     moved = [m for m in (patch.shifted(-d, 0), patch.shifted(d, 0), patch.shifted(0, -d), patch.shifted(0, d)) if m]
-    for m in moved:
-        m.fit(fit, target, s.compact_pilot, gen)
-    scores = [m.hits(sample, target) / len(sample) for m in moved]
-    if not scores or max(scores) <= base:
+    if not moved:
         return patch
-    best = moved[scores.index(max(scores))]
+    best, hits = best_after_pilot(moved, fit, target, s.compact_pilot, gen)
+    if hits <= base:
+        return patch
     best.fit(fit, target, s.compact_shift_steps, gen)
     return best
 
@@ -181,11 +193,7 @@ def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor, side: int | N
     if len(fit) and len(held):
         pilot = min(s.compact_pilot, s.compact_steps) if len(patches) > 1 else 0
         if pilot:
-            for patch in patches:
-                patch.fit(fit, target, pilot, gen)
-            sample = fit[:64]
-            scores = [patch.hits(sample, target) for patch in patches]
-            patches = [patches[scores.index(max(scores))]]  # ties: the densest window
+            patches = [best_after_pilot(patches, fit, target, pilot, gen)[0]]  # ties: the densest window
         patches[0].fit(fit, target, s.compact_steps - pilot, gen)
         patches[0] = recentre(patches[0], fit, target, gen)
     chosen = patches[0]
