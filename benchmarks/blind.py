@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,11 +112,25 @@ TARGET = 3
 EPOCHS = 6
 
 
-def _loader() -> tuple:
-    config = infer_model_config(MNIST / "train", "bd_cnn_small")
+@dataclass(frozen=True)
+class Suite:
+    """One blind benchmark: its image folders (``train``/``eval``/``clean``), triggers, models and files."""
+
+    data: Path
+    triggers: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+    models: list[tuple]
+    cache: Path
+    results: Path
+
+
+MNIST_SUITE = Suite(MNIST, TRIGGERS, MODELS, CACHE, RESULTS)
+
+
+def _loader(data: Path = MNIST) -> tuple:
+    config = infer_model_config(data / "train", "bd_cnn_small")
     prep = resolve_preprocessing(config)
-    return (config, load_image_folder(MNIST / "train", prep, config.class_names),
-            load_image_folder(MNIST / "eval", prep, config.class_names))
+    return (config, load_image_folder(data / "train", prep, config.class_names),
+            load_image_folder(data / "eval", prep, config.class_names))
 
 
 def _normalised(net: nn.Module, config) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -123,11 +138,11 @@ def _normalised(net: nn.Module, config) -> Callable[[torch.Tensor], torch.Tensor
     return lambda x: net((x - mean) / std)
 
 
-def plant(name: str, trigger: str | None, rate: float, arch: str, seed: int) -> Path:
-    path = CACHE / f"{name}.safetensors"
+def plant(name: str, trigger: str | None, rate: float, arch: str, seed: int, suite: Suite = MNIST_SUITE) -> Path:
+    path = suite.cache / f"{name}.safetensors"
     if path.exists():
         return path
-    base, train, _ = _loader()
+    base, train, _ = _loader(suite.data)
     config = type(base)(**{**base.__dict__, "arch": arch})
     torch.manual_seed(seed)
     net = build_model(config, user_arch=True)  # the benchmark's own architecture, not a file's
@@ -138,7 +153,7 @@ def plant(name: str, trigger: str | None, rate: float, arch: str, seed: int) -> 
     if trigger is not None:
         candidates = (y_all != TARGET).nonzero().flatten()
         chosen = candidates[torch.randperm(len(candidates), generator=gen)[:round(rate * len(x_all))]]
-        x_all[chosen] = TRIGGERS[trigger](x_all[chosen])
+        x_all[chosen] = suite.triggers[trigger](x_all[chosen])
         y_all[chosen] = TARGET
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps = EPOCHS * math.ceil(len(x_all) / 64)
@@ -154,7 +169,7 @@ def plant(name: str, trigger: str | None, rate: float, arch: str, seed: int) -> 
             opt.step()
             sched.step()
     net.eval()
-    CACHE.mkdir(parents=True, exist_ok=True)
+    suite.cache.mkdir(parents=True, exist_ok=True)
     save_model(net, config, path)
     return path
 
@@ -165,9 +180,9 @@ def user_flags(arch: str) -> dict | None:
     return {"arch": arch} if ":" in arch else None
 
 
-def true_metrics(model_path: Path, trigger: str | None, arch: str) -> dict:
+def true_metrics(model_path: Path, trigger: str | None, arch: str, suite: Suite = MNIST_SUITE) -> dict:
     """Accuracy and the planted trigger's ASR on the 600 held-out images (planting code's own measure)."""
-    _, _, ev = _loader()
+    _, _, ev = _loader(suite.data)
     loaded = load_model(model_path, user_flags(arch))
     clf = loaded.classifier().eval()
     x = ev.images.float() / 255
@@ -175,31 +190,31 @@ def true_metrics(model_path: Path, trigger: str | None, arch: str) -> dict:
     out = {"ca": round(acc, 4)}
     if trigger is not None:
         keep = ev.labels != TARGET
-        hits = int((clf(TRIGGERS[trigger](x[keep])).argmax(1) == TARGET).sum())
+        hits = int((clf(suite.triggers[trigger](x[keep])).argmax(1) == TARGET).sum())
         n = int(keep.sum())
         out.update(asr=round(hits / n, 4), asr_ci95=[round(v, 4) for v in wilson_interval(hits, n)])
     return out
 
 
-def run(entry: tuple) -> dict:
+def run(entry: tuple, suite: Suite = MNIST_SUITE) -> dict:
     name, trigger, rate, arch, seed = entry
     t0 = time.perf_counter()
-    path = plant(name, trigger, rate, arch, seed)
+    path = plant(name, trigger, rate, arch, seed, suite)
     plant_s = time.perf_counter() - t0
-    before = true_metrics(path, trigger, arch)
-    data = api.DataOptions(MNIST / "clean")
+    before = true_metrics(path, trigger, arch, suite)
+    data = api.DataOptions(suite.data / "clean")
     t0 = time.perf_counter()
     scan = api.scan(api.ModelOptions(path, user_flags(arch)), data)
     scan_s = time.perf_counter() - t0
     det = scan.sections["detection"]
     scores = {f["family"]: max((r["anomaly_index"] or 0) for r in f["classes"] if r["flagged"] or True)
               for f in det["families"]}
-    out = CACHE / f"{name}.cleaned.safetensors"
+    out = suite.cache / f"{name}.cleaned.safetensors"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     cleaned = api.clean(api.ModelOptions(path, user_flags(arch)), data, output=api.OutputOptions(out))
     clean_s = time.perf_counter() - t0
-    after = true_metrics(out, trigger, arch)
+    after = true_metrics(out, trigger, arch, suite)
     ver = cleaned.sections.get("verification", {})
     row = {"model": name, "trigger": trigger, "poison_rate": rate, "arch": arch, "seed": seed,
            "target": TARGET if trigger else None, "planted": before,
@@ -223,7 +238,7 @@ def table(path: Path = RESULTS) -> str:
             "residual true ASR (95 % CI) | CA after (drop) | re-detect after | retuned ASR @60 (floor) | "
             "s (scan/clean) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    retune_path = path.with_name("blind_retune.jsonl")
+    retune_path = path.with_name(path.name.replace("blind", "blind_retune", 1))
     retuned = ({r["model"]: r for r in map(json.loads, retune_path.read_text().splitlines())}
                if retune_path.exists() else {})
     for row in map(json.loads, path.read_text().splitlines()):
@@ -240,26 +255,26 @@ def table(path: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(suite: Suite = MNIST_SUITE, doc: str = __doc__) -> None:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run, in this order (default: all)")
     parser.add_argument("--table", action="store_true", help="print the results table and exit")
     args = parser.parse_args()
     if args.table:
-        print(table())
+        print(table(suite.results))
         return
     torch.set_num_threads(1)
-    for entry in select(parser, args.only):
-        emit(run(entry), RESULTS)
+    for entry in select(parser, args.only, suite.models):
+        emit(run(entry, suite), suite.results)
 
 
-def select(parser: argparse.ArgumentParser, only: list[str] | None) -> list[tuple]:
-    """The ``MODELS`` entries named by ``--only`` (in that order), or all of them."""
-    by_name = {entry[0]: entry for entry in MODELS}
+def select(parser: argparse.ArgumentParser, only: list[str] | None, models: list[tuple] = MODELS) -> list[tuple]:
+    """The ``models`` entries named by ``--only`` (in that order), or all of them."""
+    by_name = {entry[0]: entry for entry in models}
     unknown = [name for name in only or [] if name not in by_name]
     if unknown:
         parser.error(f"unknown model(s): {', '.join(unknown)}")
-    return [by_name[name] for name in only] if only else MODELS
+    return [by_name[name] for name in only] if only else models
 
 
 if __name__ == "__main__":

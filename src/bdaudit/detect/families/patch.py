@@ -130,13 +130,19 @@ PILOT_SAMPLE = 64  # fit images that judge the pilots
 
 
 def best_after_pilot(patches: list[_Compact], fit: torch.Tensor, target: int, steps: int,
-                     gen: torch.Generator) -> tuple[_Compact, int]:
+                     gen: torch.Generator) -> tuple[_Compact, int, bool]:
     """Fit each candidate ``steps`` mini-batches; the one moving most of the first fit images (the
-    earliest on ties), with its hit count."""
+    earliest on ties), its hit count, and whether it moved all of them (then the later candidates are
+    not tried: none could beat it)."""
+    sample = fit[:PILOT_SAMPLE]
+    scores = []
     for patch in patches:
         patch.fit(fit, target, steps, gen)
-    scores = [patch.hits(fit[:PILOT_SAMPLE], target) for patch in patches]
-    return patches[scores.index(max(scores))], max(scores)
+        scores.append(patch.hits(sample, target))
+        if scores[-1] == len(sample):
+            break
+    best = max(scores)
+    return patches[scores.index(best)], best, best == len(sample)
 
 
 def recentre(patch: _Compact, fit: torch.Tensor, target: int, gen: torch.Generator) -> _Compact:
@@ -153,10 +159,11 @@ def recentre(patch: _Compact, fit: torch.Tensor, target: int, gen: torch.Generat
     moved = [m for m in (patch.shifted(-d, 0), patch.shifted(d, 0), patch.shifted(0, -d), patch.shifted(0, d)) if m]
     if not moved:
         return patch
-    best, hits = best_after_pilot(moved, fit, target, s.compact_pilot, gen)
+    best, hits, saturated = best_after_pilot(moved, fit, target, s.compact_pilot, gen)
     if hits <= base:
         return patch
-    best.fit(fit, target, s.compact_shift_steps, gen)
+    if not saturated:
+        best.fit(fit, target, s.compact_shift_steps, gen)
     return best
 
 
@@ -177,8 +184,9 @@ def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor, side: int | N
     A short mask search often spreads over two or three similar spots, and the trigger is not always
     the densest (blind benchmark: a 5x5 cross at 1 % poison, 0.39-0.50 at the densest window and
     0.94-1.0 at the next). So the ``compact_windows`` densest windows each get ``compact_pilot`` steps,
-    the one whose patch moves most of a fixed fit sample goes on for the rest of ``compact_steps``, and
-    only that one is measured on the held-apart images (the choice never sees them)."""
+    the one whose patch moves most of a fixed fit sample goes on for the rest of ``compact_steps`` (unless
+    it already moves all of that sample: a planted trigger often does after the pilot, and more steps
+    cannot raise it), and only that one is measured on the held-apart images (the choice never sees them)."""
     s = job.settings
     gen = torch.Generator().manual_seed(job.seed + COMPACT_SEED_OFFSET + target)
     images, labels = job.images.images, job.images.labels
@@ -192,10 +200,13 @@ def compact_patch(job: FamilyJob, target: int, mask: torch.Tensor, side: int | N
     patches = [_Compact(job, corner, side) for corner in corners]
     if len(fit) and len(held):
         pilot = min(s.compact_pilot, s.compact_steps) if len(patches) > 1 else 0
-        if pilot:
-            patches = [best_after_pilot(patches, fit, target, pilot, gen)[0]]  # ties: the densest window
-        patches[0].fit(fit, target, s.compact_steps - pilot, gen)
-        patches[0] = recentre(patches[0], fit, target, gen)
+        saturated = False
+        if pilot:  # ties: the densest window
+            best, _, saturated = best_after_pilot(patches, fit, target, pilot, gen)
+            patches = [best]
+        if not saturated:  # a pilot that already moves every fit image needs no more steps
+            patches[0].fit(fit, target, s.compact_steps - pilot, gen)
+            patches[0] = recentre(patches[0], fit, target, gen)
     chosen = patches[0]
     sent = chosen.sent(held, target)
     share = len(sent) / len(held) if len(held) else 0.0
