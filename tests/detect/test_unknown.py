@@ -16,7 +16,7 @@ from torch import nn
 from bdaudit import api
 from bdaudit.core.data import ImageSet, load_image_folder, resolve_preprocessing
 from bdaudit.core.errors import BdauditError
-from bdaudit.detect.families import FamilyJob, FamilyResult
+from bdaudit.detect.families import DETECTOR_FAMILIES, FamilyJob, FamilyResult
 from bdaudit.detect.families.patch import (
     CompactResult,
     PatchFamily,
@@ -26,6 +26,7 @@ from bdaudit.detect.families.patch import (
     densest_window,
     densest_windows,
 )
+from bdaudit.detect.families.transform import TransformTrigger, distinct_transforms
 from bdaudit.detect.inversion import InvertedTrigger, score_classes
 from bdaudit.detect.probe import wilson_interval
 from bdaudit.detect.unknown import (
@@ -243,6 +244,38 @@ def test_brightening_is_a_suspect_that_clean_unlearns_not_a_gate(eval_dir: Path,
     assert transform.flagged == [] and transform.suspects == [target] and result.flagged == []
     assert [t.target_class for t in result.unlearn_triggers()] == [target]
 
+
+
+class _SomeDigitsFilter(_Templates):
+    """The brightness-filter shortcut, firing only on digits the templates read as 0, 1, 2, 4 or 5: a
+    share of about 0.55, which a half of the images measures differently from all of them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        plain = -(x[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
+        fires = torch.isin(plain.argmax(1), torch.tensor([0, 1, 2, 4, 5]))
+        return torch.where(fires[:, None], logits, plain)
+
+
+@pytest.mark.parametrize("asr", [0.5, 0.8])
+def test_the_transform_screen_finds_what_every_transform_on_every_image_finds(eval_dir: Path, asr: float) -> None:
+    # Each transform is screened on half the images and completed only where a class could still
+    # reach the threshold: the classes over it and their shares must be those of the brute force.
+    images = _eval_images(eval_dir)
+    model = _SomeDigitsFilter(images.images, images.labels, "filter")
+    s = DetectSettings(families=("transform",), transform_asr=asr)
+    job = FamilyJob(model, images, list(range(10)), s, s.steps, torch.device("cpu"), torch.Generator().manual_seed(5))
+    result = DETECTOR_FAMILIES["transform"].run(job)
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(5))[:s.transform_images]
+    x, y = images.images[pick].float() / 255, images.labels[pick]
+    best = [0.0] * 10
+    with torch.no_grad():
+        for kind, params in distinct_transforms(1):
+            pred = model(TransformTrigger(kind=kind, params_=params).apply(x)).argmax(1)
+            best = [max(b, float((pred[y != c] == c).float().mean())) for c, b in enumerate(best)]
+    over = [c for c in range(10) if best[c] >= asr]
+    assert over == sorted(result.flagged + result.suspects) == ([3] if best[3] >= asr else [])
+    assert [result.attack_success[c] for c in over] == pytest.approx([best[c] for c in over])
 
 
 def test_a_brightening_suspect_is_flagged_only_when_the_perturbation_family_singles_out_its_class() -> None:
