@@ -5,7 +5,7 @@
 verdict depends on the detector's random draws), and appends one line per model and seed to
 results/blind_rescan.jsonl: detected classes, the scan's verdict and seconds.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/blind_rescan.py [--only NAME ...] [--seeds 1 2]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/blind_rescan.py [--only NAME ...] [--seeds 1 2] [--suite rgb]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # blind_arch: the third-party tutorial net
 
-from blind import CACHE, MODELS, TARGET, user_flags  # noqa: E402
+import blind_rgb  # noqa: E402
+from blind import MNIST_SUITE, TARGET, user_flags  # noqa: E402
 from common import emit  # noqa: E402
 
 from bdaudit import api  # noqa: E402
@@ -33,18 +34,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run (default: all cached)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="scan seeds (default: 0, a user's)")
+    parser.add_argument("--suite", choices=("mnist", "rgb"), default="mnist",
+                        help="rgb: blind_rgb.py's coloured-digit models (results/blind_rgb_rescan.jsonl)")
     args = parser.parse_args()
+    if args.suite == "rgb":  # its models must be planted already (blind_rgb.py)
+        suite, results = blind_rgb.SUITE, RESULTS.with_name("blind_rgb_rescan.jsonl")
+    else:
+        suite, results = MNIST_SUITE, RESULTS
     torch.set_num_threads(1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     for seed in args.seeds:
-        for entry in MODELS:
-            name, path = entry[0], CACHE / f"{entry[0]}.safetensors"
+        for entry in suite.models:
+            name, path = entry[0], suite.cache / f"{entry[0]}.safetensors"
             if (args.only and name not in args.only) or not path.exists():
                 continue
             started = time.perf_counter()
             report = api.scan(api.ModelOptions(path, user_flags(entry[3])),
-                              api.DataOptions(ROOT / "sample_data" / "mnist" / "clean"),
+                              api.DataOptions(suite.data / "clean"),
                               runtime=api.Runtime(seed=seed))
             detection = report.sections["detection"]
             flagged = detection["flagged"]
@@ -52,7 +59,7 @@ def main() -> None:
                   "detected": flagged, "detected_target": bool(entry[1]) and TARGET in flagged,
                   "by_family": {f["family"]: f["flagged"] for f in detection["families"] if f["flagged"]},
                   "detector_seconds": detection["seconds"],
-                  "seconds": round(time.perf_counter() - started, 1)}, RESULTS)
+                  "seconds": round(time.perf_counter() - started, 1)}, results)
 
 
 if __name__ == "__main__":

@@ -248,16 +248,23 @@ class PatchFamily(InvertingFamily):
         result = score_inverted(self, job, sizes, triggers, self.threshold(job.settings), started)
         index = dict(zip(result.classes, result.anomaly_index, strict=True))
         nominated = sorted(result.flagged, key=lambda c: -index[c] if math.isfinite(index[c]) else -math.inf)
-        flagged = []
-        clean_pred = clean_predictions(job) if nominated else None
-        for c in nominated[:job.settings.compact_tests]:
-            mask = triggers[c].mask  # type: ignore[attr-defined]
+        result.flagged = []
+        self.test_compact(job, result, nominated[:job.settings.compact_tests])
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def test_compact(self, job: FamilyJob, result: FamilyResult, classes: list[int],
+                     nominated_by: str | None = None) -> None:
+        """Give each of ``classes`` the compact-patch test at the windows where its reversed mask is
+        densest; a class that passes joins ``result.flagged`` with the patch that fired as its trigger."""
+        clean_pred = clean_predictions(job) if classes else None
+        for c in classes:
+            mask = result.triggers[c].mask  # type: ignore[attr-defined]
             found = compact_patch(job, c, mask, clean_pred=clean_pred)
             result.extras[c] = {"compact_asr": round(found.share, 4), "compact_confidence": round(found.confidence, 4),
                                 "compact_patch": found.where}
+            if nominated_by:
+                result.extras[c]["nominated_by"] = nominated_by
             if confirms(found, job.settings):
-                flagged.append(c)
+                result.flagged = sorted([*result.flagged, c])
                 result.triggers[c] = found.trigger  # what clean unlearns: the patch that fired, not the spread mask
-        result.flagged = sorted(flagged)
-        result.seconds = time.perf_counter() - started
-        return result
