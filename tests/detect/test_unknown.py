@@ -33,6 +33,7 @@ from bdaudit.detect.unknown import (
     DetectSettings,
     choose_candidates,
     corroborate,
+    cross_nominate,
     detect_reasons,
     detect_unknown,
     detector_enabled,
@@ -442,3 +443,29 @@ def test_a_window_over_part_of_the_trigger_is_recentred_onto_it(eval_dir: Path, 
     assert found[20].share >= DetectSettings().compact_asr and found[20].share > found[0].share, found
     if top == 17:
         assert found[0].share < DetectSettings().compact_asr  # missed without recentring
+
+
+@pytest.mark.parametrize(("target_size", "tested"), [(1.0, True), (2.9, False)])
+def test_the_perturbation_familys_outlier_gets_the_compact_test_the_mask_rule_did_not_give_it(
+        eval_dir: Path, target_size: float, tested: bool) -> None:
+    # The mask rule nominated nothing, but the perturbation family singles out class 3 (index ~20 at
+    # size 1.0; an ordinary class at 2.9): the compact patch at its mask's densest window decides.
+    images = _eval_images(eval_dir)
+    model = _Templates(images.images, images.labels, "checker")
+    mask = torch.zeros(1, 28, 28)
+    mask[:, 20:27, 2:9] = 1.0  # over the checkerboard (rows 22-25, columns 3-6)
+    classes = list(range(10))
+    patch = FamilyResult(family="patch", classes=classes, sizes=[50.0] * 10, attack_success=[float("nan")] * 10,
+                         anomaly_index=[0.0] * 10, flagged=[], seconds=0.0,
+                         triggers={c: InvertedTrigger(mask=mask, pattern=torch.ones(1, 28, 28), target_class=c)
+                                   for c in classes})
+    sizes = [3.0, 3.1, 2.9, target_size, 3.2, 2.8, 3.1, 3.3, 2.9, 3.0]
+    index, _ = score_classes(classes, sizes, "log", 6.0)
+    perturbation = FamilyResult(family="perturbation", classes=classes, sizes=sizes, attack_success=[0.0] * 10,
+                                anomaly_index=index.tolist(), flagged=[], triggers={}, seconds=0.0)
+    s = DetectSettings(families=("patch", "perturbation"))
+    cross_nominate([patch, perturbation], FamilyJob(model, images, classes, s, s.steps, torch.device("cpu"),
+                                                    torch.Generator().manual_seed(0)))
+    assert (patch.extras.get(3, {}).get("nominated_by") == "perturbation") is tested
+    assert patch.flagged == ([3] if tested else [])
+    assert all(c == 3 for c in patch.extras)  # one test at most, on that class only

@@ -15,6 +15,8 @@ flags above ``perturbation_threshold`` (6: above NC's 2 because the budget is sh
 models reach 4.7); ``patch``'s index only nominates, because on clean models it reached 11.6
 (benchmarks/README.md, "Blind generalisation"). A class is flagged when any family flags it, or
 when it is a brightening ``transform`` suspect that ``perturbation`` singles out too (``corroborate``).
+``perturbation``'s strongest outlier also gets ``patch``'s compact-patch test when the mask rule did
+not nominate it (``cross_nominate``).
 
 Cost is bounded, not linear in the number of classes: with more than ``max_candidates`` classes a
 class-count-independent pre-screen — one *untargeted* universal perturbation, optimised to push
