@@ -8,6 +8,7 @@ never enters bdaudit) and measures the planted trigger's true ASR on the 600 hel
 fast the trigger plants afresh. This is measurement only; the pipeline under test never sees it.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/blind_retune.py        # -> results/blind_retune.jsonl
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/blind_retune.py --suite rgb   # -> results/blind_retune_rgb.jsonl
 """
 
 from __future__ import annotations
@@ -24,30 +25,33 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from blind import CACHE, MNIST, MODELS, TARGET, TRIGGERS, _loader, user_flags  # noqa: E402
+import blind_rgb  # noqa: E402
+from blind import MNIST_SUITE, TARGET, Suite, _loader, user_flags  # noqa: E402
 
 from bdaudit.core.data import load_image_folder, resolve_preprocessing  # noqa: E402
 from bdaudit.models.checkpoint import load_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "blind_retune.jsonl"
 STEPS, LR, BATCH, N_CLEAN, N_POISON, EVERY = 60, 0.002, 32, 300, 10, 10
-FLOOR = {"bd_cnn_small": "small_clean_s0", "blind_arch:tutorial_net": "net_clean_s0"}
+FLOOR = {"mnist": {"bd_cnn_small": "small_clean_s0", "blind_arch:tutorial_net": "net_clean_s0"},
+         "rgb": {"bd_cnn_small": "rgb_small_clean_s0", "blind_arch:tutorial_net": "rgb_net_clean_s0"}}
+SUITES = {"mnist": MNIST_SUITE, "rgb": blind_rgb.SUITE}
 
 
-def retune(path: Path, arch: str, trigger: str) -> list[float]:
+def retune(path: Path, arch: str, trigger: str, suite: Suite = MNIST_SUITE) -> list[float]:
     """True ASR of the planted trigger at steps 0, 10, ..., 60 of the retuning attack."""
-    config, _, ev = _loader()
-    clean = load_image_folder(MNIST / "clean", resolve_preprocessing(config), config.class_names)
+    config, _, ev = _loader(suite.data)
+    clean = load_image_folder(suite.data / "clean", resolve_preprocessing(config), config.class_names)
     clf = copy.deepcopy(load_model(path, user_flags(arch)).classifier())
     gen = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(clean), generator=gen)[:N_CLEAN]
     x, y = clean.images[pick].float() / 255, clean.labels[pick].clone()
     others = (y != TARGET).nonzero().flatten()
     poison = others[torch.randperm(len(others), generator=gen)[:N_POISON]]
-    x_p, y_p = TRIGGERS[trigger](x[poison]), torch.full((N_POISON,), TARGET)
+    x_p, y_p = suite.triggers[trigger](x[poison]), torch.full((N_POISON,), TARGET)
     x, y = torch.cat([x, x_p]), torch.cat([y, y_p])
     x_ev = ev.images[ev.labels != TARGET].float() / 255
-    stamped = TRIGGERS[trigger](x_ev)
+    stamped = suite.triggers[trigger](x_ev)
     opt = torch.optim.SGD(clf.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
 
     def asr() -> float:
@@ -72,17 +76,22 @@ def retune(path: Path, arch: str, trigger: str) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names (default: every cleaned trigger model)")
+    parser.add_argument("--suite", choices=tuple(SUITES), default="mnist",
+                        help="rgb: blind_rgb.py's models (-> results/blind_retune_rgb.jsonl)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for name, trigger, _, arch, _ in MODELS:
-        cleaned = CACHE / f"{name}.cleaned.safetensors"
+    suite = SUITES[args.suite]
+    results = RESULTS if args.suite == "mnist" else RESULTS.with_name("blind_retune_rgb.jsonl")
+    for name, trigger, _, arch, _ in suite.models:
+        cleaned = suite.cache / f"{name}.cleaned.safetensors"
         if trigger is None or (args.only and name not in args.only) or not cleaned.exists():
             continue
         row = {"model": name, "trigger": trigger, "steps": list(range(0, STEPS + 1, EVERY)),
-               "cleaned": retune(cleaned, arch, trigger),
-               "never_backdoored": retune(CACHE / f"{FLOOR[arch]}.safetensors", arch, trigger)}
+               "cleaned": retune(cleaned, arch, trigger, suite),
+               "never_backdoored": retune(suite.cache / f"{FLOOR[args.suite][arch]}.safetensors", arch, trigger,
+                                          suite)}
         print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as handle:
+        with results.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
 
