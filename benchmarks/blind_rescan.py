@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # blind_arch: the third-party tutorial net
 
 import blind_rgb  # noqa: E402
-from blind import MNIST_SUITE, TARGET, user_flags  # noqa: E402
+from blind import TARGET, user_flags  # noqa: E402
 from common import emit  # noqa: E402
 
 from bdaudit import api  # noqa: E402
@@ -34,13 +34,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run (default: all cached)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="scan seeds (default: 0, a user's)")
-    parser.add_argument("--suite", choices=("mnist", "rgb"), default="mnist",
-                        help="rgb: blind_rgb.py's coloured-digit models (results/blind_rgb_rescan.jsonl)")
+    parser.add_argument("--suite", choices=tuple(blind_rgb.SUITES), default="mnist",
+                        help="rgb: blind_rgb.py's planted colour models (-> results/blind_rgb_rescan.jsonl)")
     args = parser.parse_args()
-    if args.suite == "rgb":  # its models must be planted already (blind_rgb.py)
-        suite, results = blind_rgb.SUITE, RESULTS.with_name("blind_rgb_rescan.jsonl")
-    else:
-        suite, results = MNIST_SUITE, RESULTS
+    suite = blind_rgb.SUITES[args.suite]
+    results = RESULTS if args.suite == "mnist" else RESULTS.with_name("blind_rgb_rescan.jsonl")
     torch.set_num_threads(1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()

@@ -35,7 +35,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "blind_retune.jsonl"
 STEPS, LR, BATCH, N_CLEAN, N_POISON, EVERY = 60, 0.002, 32, 300, 10, 10
 FLOOR = {"mnist": {"bd_cnn_small": "small_clean_s0", "blind_arch:tutorial_net": "net_clean_s0"},
          "rgb": {"bd_cnn_small": "rgb_small_clean_s0", "blind_arch:tutorial_net": "rgb_net_clean_s0"}}
-SUITES = {"mnist": MNIST_SUITE, "rgb": blind_rgb.SUITE}
 
 
 def retune(path: Path, arch: str, trigger: str, suite: Suite = MNIST_SUITE) -> list[float]:
@@ -76,11 +75,11 @@ def retune(path: Path, arch: str, trigger: str, suite: Suite = MNIST_SUITE) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names (default: every cleaned trigger model)")
-    parser.add_argument("--suite", choices=tuple(SUITES), default="mnist",
+    parser.add_argument("--suite", choices=tuple(blind_rgb.SUITES), default="mnist",
                         help="rgb: blind_rgb.py's models (-> results/blind_retune_rgb.jsonl)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    suite = SUITES[args.suite]
+    suite = blind_rgb.SUITES[args.suite]
     results = RESULTS if args.suite == "mnist" else RESULTS.with_name("blind_retune_rgb.jsonl")
     for name, trigger, _, arch, _ in suite.models:
         cleaned = suite.cache / f"{name}.cleaned.safetensors"

@@ -105,6 +105,7 @@ MODELS = [
 
 SUITE = blind.Suite(DATA, TRIGGERS, MODELS, ROOT / "benchmarks" / "results" / "cache" / "blind_rgb",
                     ROOT / "benchmarks" / "results" / "blind_rgb.jsonl")
+SUITES = {"mnist": blind.MNIST_SUITE, "rgb": SUITE}  # what the other blind scripts' --suite names
 
 if __name__ == "__main__":
     build_data()

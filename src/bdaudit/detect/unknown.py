@@ -35,6 +35,7 @@ trigger is larger than the natural margin of some clean class.
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections.abc import Sequence
@@ -274,38 +275,44 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
                         class_names=tuple(images.class_names), refined=refined)
 
 
+def below_median_indices(family: FamilyResult) -> dict[int, float]:
+    """Anomaly index of each class whose reversed trigger is smaller than the median (the MAD rule
+    only flags those)."""
+    if not family.sizes:
+        return {}
+    median = sorted(family.sizes)[len(family.sizes) // 2]
+    return {c: i for c, i, size in zip(family.classes, family.anomaly_index, family.sizes, strict=True)
+            if size < median}
+
+
 def corroborate(families: Sequence[FamilyResult], threshold: float) -> None:
     """Flag each transform suspect whose class is also a below-median perturbation outlier above
     ``threshold``: two independent families pointing at one class (``corroborate_index``)."""
     by_name = {f.family: f for f in families}
     transform, perturbation = by_name.get("transform"), by_name.get("perturbation")
-    if transform is None or perturbation is None or not perturbation.sizes:
+    if transform is None or perturbation is None:
         return
-    median = sorted(perturbation.sizes)[len(perturbation.sizes) // 2]
-    index = {c: (i, size) for c, i, size in zip(perturbation.classes, perturbation.anomaly_index,
-                                                  perturbation.sizes, strict=True)}
+    index = below_median_indices(perturbation)
     for c in list(transform.suspects):
-        i, size = index.get(c, (float("nan"), float("inf")))
-        if size < median and i >= threshold:
+        i = index.get(c, float("nan"))
+        if i >= threshold:
             transform.suspects.remove(c)
             transform.flagged = sorted([*transform.flagged, c])
             transform.extras[c] = {**transform.extras.get(c, {}), "perturbation_index": round(i, 4)}
 
 
 def cross_nominate(families: Sequence[FamilyResult], job: FamilyJob) -> None:
-    """Compact-patch test the perturbation family's strongest below-median outliers (index >=
-    ``cross_index``, at most ``cross_tests``) that the patch family did not test (``cross_index``)."""
+    """Give the compact-patch test to the perturbation family's strongest below-median outliers (index
+    >= ``cross_index``, at most ``cross_tests``) that the patch family did not test."""
     by_name = {f.family: f for f in families}
     patch, perturbation = by_name.get("patch"), by_name.get("perturbation")
     s = job.settings
-    if patch is None or perturbation is None or not perturbation.sizes or not s.cross_tests:
+    if patch is None or perturbation is None or not s.cross_tests:
         return
     started = time.perf_counter()
-    median = sorted(perturbation.sizes)[len(perturbation.sizes) // 2]
-    rows = sorted(((i, c) for c, i, size in zip(perturbation.classes, perturbation.anomaly_index, perturbation.sizes,
-                                                 strict=True)
-                   if size < median and i >= s.cross_index and c in patch.triggers
-                   and "compact_asr" not in patch.extras.get(c, {})), reverse=True)
+    rows = sorted(((i, c) for c, i in below_median_indices(perturbation).items()
+                   if i >= s.cross_index and c in patch.triggers and "compact_asr" not in patch.extras.get(c, {})),
+                  reverse=True)
     classes = [c for _, c in rows[:s.cross_tests]]
     if classes:
         DETECTOR_FAMILIES["patch"].test_compact(job, patch, classes,  # type: ignore[attr-defined]
@@ -315,12 +322,7 @@ def cross_nominate(families: Sequence[FamilyResult], job: FamilyJob) -> None:
 
 def _top_index(families: Sequence[FamilyResult]) -> float:
     """The largest anomaly index of a below-median class (the rule only flags those)."""
-    top = 0.0
-    for fam in families:
-        median = sorted(fam.sizes)[len(fam.sizes) // 2] if fam.sizes else 0.0
-        top = max([top, *(i for size, i in zip(fam.sizes, fam.anomaly_index, strict=True)
-                          if size < median and i == i and i != float("inf"))])
-    return top
+    return max([0.0, *(i for fam in families for i in below_median_indices(fam).values() if math.isfinite(i))])
 
 
 def detect_reasons(summary: dict[str, Any], when: str = "") -> list[str]:

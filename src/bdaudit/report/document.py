@@ -22,6 +22,7 @@ from bdaudit.models.checkpoint import LoadedModel
 # 1.9: patch rows' compact_confidence (a compact share below compact_sure needs a confident one)
 # 1.10: detection settings compact_sure/compact_confidence gone (compact_asr alone gates, after
 #       recentring: compact_shift_from/until/steps)
+# 1.11: patch rows' nominated_by (the perturbation family's outlier given the compact test)
 SCHEMA_VERSION = "1.11.0"
 
 

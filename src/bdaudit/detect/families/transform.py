@@ -139,7 +139,7 @@ class TransformFamily(DetectorFamily):
             if bool(reach.any()) and half < len(x_all):
                 sent = sent + self._sent(classifier, trig, x_all[half:], y_all[half:], num_classes)
                 rates = torch.where(reach, sent / (eligible[0] + eligible[1]).clamp_min(1), rates)
-            gating = not (kind == "intensity" and params[1] > 0)
+            gating = trig.gating
             for c in range(num_classes):
                 rate = float(rates[c])
                 # A gating transform wins ties: it decides whether the class is flagged.
