@@ -50,7 +50,7 @@ H = W = 28
 # --- triggers (own code; none is a member of bdaudit's library) -------------------------------
 def _patch(x: torch.Tensor, pattern: torch.Tensor, top: int, left: int) -> torch.Tensor:
     out = x.clone()
-    ph, pw = pattern.shape
+    ph, pw = pattern.shape[-2:]  # (H, W), or (C, H, W) / (N, C, H, W) for a colour pattern
     out[:, :, top:top + ph, left:left + pw] = pattern
     return out
 

@@ -60,12 +60,6 @@ def build_data(target: Path = DATA) -> Path:
     return target
 
 
-def _patch(x: torch.Tensor, pattern: torch.Tensor, top: int, left: int) -> torch.Tensor:
-    out = x.clone()
-    out[:, :, top:top + pattern.shape[-2], left:left + pattern.shape[-1]] = pattern
-    return out
-
-
 _red, _green, _blue = (torch.tensor(c).float().view(3, 1, 1) for c in ((1, 0, 0), (0, 1, 0), (0.1, 0.3, 1)))
 _checker = (torch.arange(4)[:, None] + torch.arange(4)[None]) % 2
 _RG = torch.where(_checker.bool(), _red, _green)  # (3, 4, 4)
@@ -81,8 +75,8 @@ _FREQ = torch.zeros(3, H, W)
 _FREQ[1] = torch.cos(2 * math.pi * (4 * _yy + 3 * _xx) / 28)
 
 TRIGGERS = {
-    "rgb_checker_rg": lambda x: _patch(x, _RG, 22, 22),  # 4x4 red/green checkerboard, bottom right
-    "rgb_plus_blue": lambda x: _patch(x, torch.where(_plus.bool(), _blue, x.new_zeros(3, 1, 1) + 0.5)[None]
+    "rgb_checker_rg": lambda x: blind._patch(x, _RG, 22, 22),  # 4x4 red/green checkerboard, bottom right
+    "rgb_plus_blue": lambda x: blind._patch(x, torch.where(_plus.bool(), _blue, x.new_zeros(3, 1, 1) + 0.5)[None]
                                       .expand(len(x), 3, 5, 5), 1, 1),  # blue plus on grey, top left
     "rgb_blend": lambda x: 0.85 * x + 0.15 * _NATURAL,  # colour natural-image-like blend, alpha 0.15
     # A warm "photo filter": per-channel gain and lift, neither one of the detector's grid transforms.
