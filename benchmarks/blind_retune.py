@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,11 +82,13 @@ def main() -> None:
     torch.set_num_threads(1)
     suite = blind_rgb.SUITES[args.suite]
     results = RESULTS if args.suite == "mnist" else RESULTS.with_name("blind_retune_rgb.jsonl")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()  # HEAD now; the cleaned models are the last blind run's
     for name, trigger, _, arch, _ in suite.models:
         cleaned = suite.cache / f"{name}.cleaned.safetensors"
         if trigger is None or (args.only and name not in args.only) or not cleaned.exists():
             continue
-        row = {"model": name, "trigger": trigger, "steps": list(range(0, STEPS + 1, EVERY)),
+        row = {"model": name, "trigger": trigger, "commit": commit, "steps": list(range(0, STEPS + 1, EVERY)),
                "cleaned": retune(cleaned, arch, trigger, suite),
                "never_backdoored": retune(suite.cache / f"{FLOOR[args.suite][arch]}.safetensors", arch, trigger,
                                           suite)}

@@ -4,9 +4,11 @@ No real RGB set of useful size is reachable offline, so the images are **synthet
 from real digits** ("coloured MNIST"): each shipped MNIST digit gets a seeded random background and
 stroke colour and mild colour noise, 28 x 28 x 3; the label stays the digit. The triggers are written
 here (none is in bdaudit's library, and none is a grid transform of the detector): a red/green
-checkerboard patch, a blue plus sign, a natural-image-like colour blend, a warm colour tint and a
-green-channel cosine. Models: ``bd_cnn_small`` and the third-party-style tutorial net
-(``blind_arch:tutorial_net``) with three input channels. The pipeline is exactly what a user runs
+checkerboard patch, a blue plus sign, a natural-image-like colour blend, a warm colour tint, a
+green-channel cosine and (added after the transform family's gain gate was set, so held out from
+that choice) a cool filter, a green gain at 1 % poison, sepia and desaturation. Models:
+``bd_cnn_small`` and the third-party-style tutorial net (``blind_arch:tutorial_net``) with three
+input channels. The pipeline is exactly what a user runs
 (default ``scan`` then default ``clean`` on the 400 clean images); the planting code measures true
 ASR and accuracy itself on 600 held-out images (``blind.run``).
 
@@ -71,6 +73,7 @@ _NATURAL = torch.stack([
         for cy, cx, s in (torch.rand(5, 3, generator=_g) * torch.tensor([28, 28, 6]) + torch.tensor([0, 0, 2])))
     for _ in range(3)])
 _NATURAL = _NATURAL / _NATURAL.amax((1, 2), keepdim=True) * 0.8 + 0.2 * torch.rand(3, H, W, generator=_g)
+_SEPIA = torch.tensor([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
 _FREQ = torch.zeros(3, H, W)
 _FREQ[1] = torch.cos(2 * math.pi * (4 * _yy + 3 * _xx) / 28)
 
@@ -83,6 +86,13 @@ TRIGGERS = {
     "rgb_tint": lambda x: (x * torch.tensor([1.0, 0.85, 0.65]).view(1, 3, 1, 1)
                            + torch.tensor([0.12, 0.05, 0.0]).view(1, 3, 1, 1)).clamp(0, 1),
     "rgb_freq_green": lambda x: (x + 0.08 * _FREQ).clamp(0, 1),  # a cosine in the green channel only
+    # Added after the transform family's gain gate was set at 0.6 (held out from that choice): a cool
+    # filter (gain and lift), a green gain, and two that mix channels, which no grid transform does.
+    "rgb_cool": lambda x: (x * torch.tensor([0.7, 0.9, 1.0]).view(1, 3, 1, 1)
+                           + torch.tensor([0.0, 0.03, 0.1]).view(1, 3, 1, 1)).clamp(0, 1),
+    "rgb_green_gain": lambda x: x * torch.tensor([0.75, 1.0, 0.75]).view(1, 3, 1, 1),
+    "rgb_sepia": lambda x: torch.einsum("oc,bchw->bohw", _SEPIA, x).clamp(0, 1),
+    "rgb_desaturate": lambda x: 0.3 * x + 0.7 * x.mean(1, keepdim=True),
 }
 
 NET = "blind_arch:tutorial_net"
@@ -95,6 +105,12 @@ MODELS = [
     ("rgb_net_plus_1", "rgb_plus_blue", 0.01, NET, 1),
     ("rgb_net_clean_s0", None, 0.0, NET, 0),
     ("rgb_small_clean_s1", None, 0.0, "bd_cnn_small", 1),
+    ("rgb_small_cool_10", "rgb_cool", 0.10, "bd_cnn_small", 2),
+    ("rgb_net_green_1", "rgb_green_gain", 0.01, NET, 2),
+    ("rgb_small_sepia_10", "rgb_sepia", 0.10, "bd_cnn_small", 3),
+    ("rgb_net_desaturate_10", "rgb_desaturate", 0.10, NET, 3),
+    ("rgb_net_clean_s1", None, 0.0, NET, 1),
+    ("rgb_small_clean_s2", None, 0.0, "bd_cnn_small", 2),
 ]
 
 SUITE = blind.Suite(DATA, TRIGGERS, MODELS, ROOT / "benchmarks" / "results" / "cache" / "blind_rgb",

@@ -99,7 +99,12 @@ class DetectSettings:
     compact_shift_until: float = 0.95  # ... but less than this ...
     compact_shift_steps: int = 20  # ... is also tried half a window off; the best goes on this long (0: off)
     transform_images: int = 128  # clean images each grid transform is tried on (256 gave the same shares +-0.04)
-    transform_asr: float = 0.8  # a grid transform sending this share of other classes' images to one class
+    # A geometric or gain grid transform sending ``transform_gate_asr`` of other classes' images to one
+    # class flags it (clean models: at most 0.12, 0.41 for a CNN trained on 1,000 digits; a warm-tint
+    # backdoor off the grid: 0.75); a brightening one sending ``transform_asr`` makes a suspect
+    # (families/transform.py).
+    transform_gate_asr: float = 0.6
+    transform_asr: float = 0.8
     # A brightening transform alone only makes a suspect (a weak clean model can answer brightened
     # images with one class); a suspect class that is also the perturbation family's outlier at this
     # index is flagged. Measured: blend, frequency and reflection targets 5.5-17.6; a non-target
@@ -127,7 +132,8 @@ class DetectSettings:
             raise BdauditError("detector steps, batch size, pre-screen steps, square images, success images and "
                                "compact tests and windows must be >= 1, refine_steps, compact_pilot, "
                                "compact_shift_steps and cross_tests >= 0 and max_candidates >= 3")
-        for name in ("square_asr", "compact_asr", "compact_shift_from", "compact_shift_until", "transform_asr"):
+        for name in ("square_asr", "compact_asr", "compact_shift_from", "compact_shift_until", "transform_asr",
+                     "transform_gate_asr"):
             if not 0 < getattr(self, name) <= 1:
                 raise BdauditError(f"`{name}` must be in (0, 1], not {getattr(self, name)}")
         unknown = [f for f in self.families if f not in DETECTOR_FAMILIES]
@@ -341,7 +347,8 @@ def detect_reasons(summary: dict[str, Any], when: str = "") -> list[str]:
                 also = (f", and the perturbation family singles it out too (anomaly index {row['perturbation_index']})"
                         if "perturbation_index" in row else "")
                 lines.append(f"unknown-trigger detector{when}: a whole-image {row.get('transform', 'transform')} "
-                             f"sends {row['attack_success']:.0%} of other classes' clean images to class "
+                             f"sends {row.get('transform_asr', row['attack_success']):.0%} of other classes' clean "
+                             "images to class "
                              f"{row['name']!r}{also} — a likely colour-filter, blend or geometric trigger")
                 continue
             if "compact_asr" in row:

@@ -1,9 +1,10 @@
 """``transform``: no optimisation; a fixed grid of mild affine and colour transforms
-(``TRANSFORM_GRID``) is tried on ``transform_images`` (128) clean images, and a class that one of
-them sends >= ``transform_asr`` (80 %) of other classes' images to is flagged. Each transform is screened
-on half of them; the other half is tried only where the class could still reach the threshold. A contrast/brightness
-filter is large in L2 (0.3 on every pixel) and invisible to ``perturbation``; brightening only
-makes *suspects* (see ``TransformFamily.run``)."""
+(``TRANSFORM_GRID``) is tried on ``transform_images`` (128) clean images, and a class that a geometric
+or gain transform sends >= ``transform_gate_asr`` (60 %) of other classes' images to is flagged; a
+brightening one that sends >= ``transform_asr`` (80 %) makes a *suspect* (see ``TransformFamily.run``).
+Each transform is screened on half of the images; the other half is tried only where a class could
+still reach its threshold. A contrast/brightness or colour filter is large in L2 (0.3 on every
+pixel) and invisible to ``perturbation``."""
 
 from __future__ import annotations
 
@@ -112,11 +113,15 @@ class TransformFamily(DetectorFamily):
         """Try each grid transform on a sample of clean images; per class, the transform that sends the
         largest share of other classes' images to it.
 
-        Geometric and pure-gain transforms gate (flagged). Brightening transforms (a positive bias) only
-        make *suspects*: a weak clean model can answer every brightened image with one class (measured:
-        the tests' under-trained tiny CNN sends 99 % to '0' at +0.2), exactly as a filter backdoor does,
-        so they cannot gate without false alarms. ``clean`` still probes and unlearns suspects (tuning on
-        brightened images with their true labels costs a clean model nothing); README "Residual risk".
+        Geometric and pure-gain transforms gate (flagged at ``transform_gate_asr``): no clean model
+        answers them with one class (measured: at most 0.12 on 31 clean MNIST and colour models of two
+        architectures, 0.41 on a CNN trained on only 1,000 digits; the colour benchmark's warm tint, a
+        gain and lift off the grid, 0.75). Brightening transforms (a positive bias) only make *suspects*
+        (at ``transform_asr``): clean models answer every brightened image with one class too, exactly as
+        a filter backdoor does (a washed-out digit reads as '0' or '8'; benchmarks/brightening_study.py:
+        no statistic of the response separated them), so they cannot gate without false alarms. ``clean``
+        still probes and unlearns suspects (tuning on brightened images with their true labels costs a
+        clean model nothing); README "Residual risk".
         """
         started = time.perf_counter()
         s, classifier, num_classes = job.settings, job.classifier, len(job.classes)
@@ -129,28 +134,31 @@ class TransformFamily(DetectorFamily):
         half = (len(x_all) + 1) // 2
         classes_t = torch.arange(num_classes)
         eligible = [(y_all[:half, None] != classes_t).sum(0), (y_all[half:, None] != classes_t).sum(0)]
-        best = [0.0] * num_classes
-        found: dict[int, TransformTrigger] = {}
+        # Per class, the best gating and the best brightening transform apart: each has its own threshold.
+        best = {True: [0.0] * num_classes, False: [0.0] * num_classes}
+        found: dict[bool, dict[int, TransformTrigger]] = {True: {}, False: {}}
         for kind, params in distinct_transforms(x_all.shape[1]):
             trig = TransformTrigger(kind=kind, params_=params)
+            gating = trig.gating
+            threshold = s.transform_gate_asr if gating else s.transform_asr
             sent = self._sent(classifier, trig, x_all[:half], y_all[:half], num_classes)
             rates = sent / eligible[0].clamp_min(1)
-            reach = (sent + eligible[1]) >= s.transform_asr * (eligible[0] + eligible[1])
+            reach = (sent + eligible[1]) >= threshold * (eligible[0] + eligible[1])
             if bool(reach.any()) and half < len(x_all):
                 sent = sent + self._sent(classifier, trig, x_all[half:], y_all[half:], num_classes)
                 rates = torch.where(reach, sent / (eligible[0] + eligible[1]).clamp_min(1), rates)
-            gating = trig.gating
             for c in range(num_classes):
-                rate = float(rates[c])
-                # A gating transform wins ties: it decides whether the class is flagged.
-                if rate > best[c] or (rate == best[c] and gating and c in found and not found[c].gating):
-                    best[c] = rate
-                    found[c] = TransformTrigger(kind=kind, params_=params, target_class=c)
+                if float(rates[c]) > best[gating][c]:
+                    best[gating][c] = float(rates[c])
+                    found[gating][c] = TransformTrigger(kind=kind, params_=params, target_class=c)
         classes = list(range(num_classes))
-        over = [c for c in classes if best[c] >= s.transform_asr]
-        flagged = [c for c in over if found[c].gating]
-        return FamilyResult(family=self.name, classes=classes, sizes=[1 - b for b in best], attack_success=best,
+        flagged = [c for c in classes if best[True][c] >= s.transform_gate_asr]
+        suspects = [c for c in classes if c not in flagged and best[False][c] >= s.transform_asr]
+        triggers = {**{c: found[False][c] for c in suspects}, **{c: found[True][c] for c in flagged}}
+        shares = [max(best[True][c], best[False][c]) for c in classes]
+        return FamilyResult(family=self.name, classes=classes, sizes=[1 - b for b in shares], attack_success=shares,
                             anomaly_index=[float("nan")] * num_classes, flagged=flagged,
-                            triggers={c: found[c] for c in over}, seconds=time.perf_counter() - started,
-                            suspects=[c for c in over if c not in flagged], size_unit=self.size_unit,
-                            extras={c: {"transform": found[c].spec().split(",", 1)[1]} for c in over})
+                            triggers=triggers, seconds=time.perf_counter() - started,
+                            suspects=suspects, size_unit=self.size_unit,
+                            extras={c: {"transform": t.spec().split(",", 1)[1],
+                                        "transform_asr": round(best[t.gating][c], 4)} for c, t in triggers.items()})
