@@ -106,7 +106,8 @@ MODELS = [
     ("rgb_net_clean_s0", None, 0.0, NET, 0),
     ("rgb_small_clean_s1", None, 0.0, "bd_cnn_small", 1),
     ("rgb_small_cool_10", "rgb_cool", 0.10, "bd_cnn_small", 2),
-    ("rgb_net_green_1", "rgb_green_gain", 0.01, NET, 2),
+    ("rgb_net_green_1", "rgb_green_gain", 0.01, NET, 2),  # did not implant: 3 % planted ASR
+    ("rgb_net_green_10", "rgb_green_gain", 0.10, NET, 2),
     ("rgb_small_sepia_10", "rgb_sepia", 0.10, "bd_cnn_small", 3),
     ("rgb_net_desaturate_10", "rgb_desaturate", 0.10, NET, 3),
     ("rgb_net_clean_s1", None, 0.0, NET, 1),
