@@ -100,7 +100,7 @@ class DetectSettings:
     compact_shift_steps: int = 20  # ... is also tried half a window off; the best goes on this long (0: off)
     transform_images: int = 128  # clean images each grid transform is tried on (256 gave the same shares +-0.04)
     # A geometric or gain grid transform sending ``transform_gate_asr`` of other classes' images to one
-    # class flags it (clean models: at most 0.12, 0.41 for a CNN trained on 1,000 digits; a warm-tint
+    # class flags it (25 clean models: at most 0.13, 0.41 for a CNN trained on 1,000 digits; a warm-tint
     # backdoor off the grid: 0.75); a brightening one sending ``transform_asr`` makes a suspect
     # (families/transform.py).
     transform_gate_asr: float = 0.6

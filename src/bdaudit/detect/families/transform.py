@@ -114,7 +114,7 @@ class TransformFamily(DetectorFamily):
         largest share of other classes' images to it.
 
         Geometric and pure-gain transforms gate (flagged at ``transform_gate_asr``): no clean model
-        answers them with one class (measured: at most 0.12 on 31 clean MNIST and colour models of two
+        answers them with one class (measured: at most 0.13 on 25 clean MNIST and colour models of two
         architectures, 0.41 on a CNN trained on only 1,000 digits; the colour benchmark's warm tint, a
         gain and lift off the grid, 0.75). Brightening transforms (a positive bias) only make *suspects*
         (at ``transform_asr``): clean models answer every brightened image with one class too, exactly as
