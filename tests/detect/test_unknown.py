@@ -156,6 +156,22 @@ def test_clean_verifies_independently_with_a_fresh_seed(wave_model: Path, clean_
     assert asr < 0.3
 
 
+def test_clean_does_not_call_a_confirmed_brightening_suspect_a_backdoor(clean_model: PlantResult, clean_dir: Path,
+                                                                       eval_dir: Path) -> None:
+    # The tests' tiny clean CNN answers brightened digits with class 0 (README): a suspect, which
+    # clean probes and unlearns. Its probe confirms the response, but scan passes the model, so
+    # clean must not report "backdoor detected" either.
+    report = api.clean(clean_model.path, api.DataOptions(clean_dir, eval_dir),
+                       api.CleanOptions(method="ft", settings={"epochs": 1, "min_steps": 0}),
+                       runtime=api.Runtime("cpu", 256, 0)).to_dict()
+    assert report["detection"]["flagged"] == []
+    assert [c for f in report["detection"]["families"] for c in f["suspects"]] == [0]
+    probed = [t for t in report["clean"]["before"]["triggers"] if t["trigger"] == "inverted_transform"]
+    assert probed and all(t["flagged"] for t in probed)  # the response is real ...
+    assert report["clean"]["finding"].startswith("suspect only")  # ... but not called a backdoor
+    assert not any(t["flagged"] for t in report["clean"]["before"]["triggers"] if t["trigger"] != "inverted_transform")
+
+
 def test_prescreen_keeps_the_cost_bounded_and_finds_the_target(badnets_model: PlantResult, eval_dir: Path) -> None:
     """More classes than max_candidates: a class-count-independent pre-screen picks whom to invert."""
     loaded, split = api.open_model_and_data(badnets_model.path, api.DataOptions(eval_dir), api.Runtime("cpu"))

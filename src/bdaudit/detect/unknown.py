@@ -162,9 +162,13 @@ class DetectResult:
     def flagged_triggers(self) -> list[Trigger]:
         return [f.triggers[c] for f in self.families for c in f.flagged]
 
+    def suspect_triggers(self) -> list[Trigger]:
+        """Suspects' triggers: probed and unlearned by ``clean``, never a gate or a finding of a backdoor."""
+        return [f.triggers[c] for f in self.families for c in f.suspects]
+
     def unlearn_triggers(self) -> list[Trigger]:
         """What ``clean`` probes and (if the probe confirms) unlearns: flagged triggers and suspects."""
-        return self.flagged_triggers() + [f.triggers[c] for f in self.families for c in f.suspects]
+        return self.flagged_triggers() + self.suspect_triggers()
 
     def to_dict(self) -> dict[str, Any]:
         names = self.class_names

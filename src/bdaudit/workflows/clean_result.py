@@ -43,8 +43,7 @@ class CleanFindings:
         if self.inversion is not None:
             sections["inversion"] = self.inversion.to_dict()
         sections["detection"] = detection_section(self.detection, self.detect_mode)
-        found = bool(self.outcome.before.flagged) or bool(self.detection is not None and self.detection.flagged)
-        sections["clean"]["finding"] = "backdoor detected" if found else "no backdoor detected; tuned anyway"
+        sections["clean"]["finding"] = self.finding()
         if self.verification is not None and self.detection is not None:
             sections["verification"] = {
                 **detection_section(self.verification, "on"), "before_flagged": self.detection.flagged,
@@ -53,6 +52,18 @@ class CleanFindings:
         if self.sequela is not None:
             sections.update(self.sequela.sections())
         return sections
+
+    def finding(self) -> str:
+        """What was found before cleaning. A detector *suspect* (brightening that sends most images to one
+        class) is probed and unlearned, but clean models do it too, so a confirmed suspect alone is not
+        called a backdoor: ``scan`` passes such a model, and ``clean`` must not say otherwise."""
+        suspects = {t.spec() for t in self.detection.suspect_triggers()} if self.detection is not None else set()
+        flagged = [t for t in self.outcome.before.flagged if t.spec not in suspects]
+        if flagged or (self.detection is not None and self.detection.flagged):
+            return "backdoor detected"
+        if self.outcome.before.flagged:
+            return "suspect only (a brightening response, not gated); tuned anyway"
+        return "no backdoor detected; tuned anyway"
 
     def reasons(self) -> list[str]:
         reasons = clean_reasons(self.outcome, self.gates)
