@@ -23,6 +23,7 @@ from defense_helpers import clean_badnets
 from bdaudit.core.data import resolve_data
 from bdaudit.core.errors import BdauditError
 from bdaudit.defenses import DefenseContext, create_defense
+from bdaudit.detect.families.patch import densest_window
 from bdaudit.detect.inversion import (
     InversionResult,
     InvertedTrigger,
@@ -84,8 +85,10 @@ def test_inversion_finds_the_badnets_trigger(badnets_inversion: InversionResult)
     # The mask sits where the trigger is: the bottom-right corner (box rows/cols 24-26 of 28).
     mask = result.masks[0, 0]
     assert float(mask[14:, 14:].sum() / mask.sum()) >= 0.6
-    peak = int(mask.flatten().argmax())
-    assert 22 <= peak // 28 <= 27 and 22 <= peak % 28 <= 27  # the box, give or take the 2-pixel augmentation
+    # Its densest 4x4 window covers the box, give or take the 2-pixel augmentation (not the single
+    # brightest pixel: on another CPU a stray pixel at row 11 peaked while 60 %+ of the mass sat here).
+    top, left = densest_window(mask[None], 4)
+    assert 20 <= top <= 24 and 20 <= left <= 24, (top, left)
     # Class 0 has the largest index below the median, but the paper's rule is capped here: no class
     # can score above median / MAD (~1.4-2.2 on this model), so we do not pin the verdict at 2.
     below = [i for i, n in enumerate(result.l1_norms) if n < median]

@@ -14,7 +14,7 @@ from bdaudit.core.data import ImageSet, Preprocessing, load_image_folder
 from bdaudit.core.errors import BdauditError
 from bdaudit.engine.loop import Plan, Runtime, train
 from bdaudit.engine.recipe import Augment, make_optimizer
-from bdaudit.engine.schedules import Constant, Cosine
+from bdaudit.engine.schedules import Constant
 from bdaudit.models.checkpoint import NormalizedClassifier, build_model, load_model
 from bdaudit.planting.plant import PlantResult
 from bdaudit.sequela import (
@@ -179,12 +179,18 @@ def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def superficially_cleaned(badnets: PlantResult, clean_set: ImageSet) -> torch.nn.Module:
-    """BadNets model fine-tuned on clean data just long enough to push ASR below 50 %."""
+def superficially_cleaned(badnets: PlantResult, clean_set: ImageSet, eval_set: ImageSet) -> torch.nn.Module:
+    """BadNets model fine-tuned on clean data just long enough to push ASR below 50 %: epoch by epoch
+    until it is (a fixed budget left 0.27 on one CPU and 0.63 on another)."""
     classifier = load_model(badnets.path).classifier()
     optimizer = make_optimizer(classifier.parameters(), "sgd", 0.02)
-    train(classifier, clean_set, Plan(10, 64, Cosine(0.02, 70, warmup_steps=7), Augment(2)), optimizer,
-          Runtime(torch.Generator().manual_seed(0), CPU))
+    stamped = parse_trigger("badnets").apply(eval_set.images[eval_set.labels != 0].float() / 255)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        train(classifier, clean_set, Plan(1, 64, Constant(0.02), Augment(2)), optimizer, Runtime(gen, CPU))
+        with torch.no_grad():
+            if float((classifier(stamped).argmax(1) == 0).float().mean()) < 0.5:
+                break
     return classifier
 
 
@@ -193,7 +199,7 @@ def test_retuning_revives_a_hidden_backdoor_but_not_a_clean_model(
         eval_set: ImageSet) -> None:
     trigger = parse_trigger("badnets")
     kwargs = {"eval_data": per_class(eval_set, 30), "device": CPU, "settings": ReinjectionSettings(eval_every=10)}
-    hidden = superficially_cleaned(badnets_model, clean_set)
+    hidden = superficially_cleaned(badnets_model, clean_set, eval_set)
     before = state_copy(hidden)
     revived = reinjection_attack(hidden, clean_set, trigger, 0, **kwargs)
     # Measured: ASR 0.27 -> 0.99 by step 10 of 60 at CA 0.93; the clean model stays <= 0.03.
