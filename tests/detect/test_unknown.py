@@ -266,13 +266,18 @@ def test_brightening_is_a_suspect_that_clean_unlearns_not_a_gate(eval_dir: Path,
 
 
 class _SomeDigitsFilter(_Templates):
-    """The brightness-filter shortcut, firing only on digits the templates read as 0, 1, 2, 4 or 5: a
-    share of about 0.55, which a half of the images measures differently from all of them."""
+    """A shortcut firing only on digits the templates read as one of ``digits`` (default 0, 1, 2, 4, 5: a
+    share of about 0.55, which a half of the images measures differently from all of them)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shortcut: str,
+                 digits: tuple[int, ...] = (0, 1, 2, 4, 5)) -> None:
+        super().__init__(images, labels, shortcut)
+        self.digits = torch.tensor(digits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = super().forward(x)
         plain = -(x[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
-        fires = torch.isin(plain.argmax(1), torch.tensor([0, 1, 2, 4, 5]))
+        fires = torch.isin(plain.argmax(1), self.digits)
         return torch.where(fires[:, None], logits, plain)
 
 
@@ -304,29 +309,20 @@ def test_the_transform_screen_finds_what_every_transform_on_every_image_finds(
     assert bool(flagged + suspects) == reached  # both sides of the threshold are exercised
     for c in flagged + suspects:
         gating = c in flagged
-        assert result.extras[c]["transform_asr"] == pytest.approx(best[gating][c], abs=1e-4)
+        assert result.extras[c]["transform_share"] == pytest.approx(best[gating][c], abs=1e-4)
         assert result.triggers[c].gating == gating
-
-
-class _MostDigitsDim(_Templates):
-    """A colour-gain (dimming) shortcut to class 3 that fires only on digits the templates read as 0, 1,
-    2, 4, 5 or 6: between the old 0.8 gate and the new 0.6 one, like the colour suite's warm tint (0.75)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(x)
-        plain = -(x[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
-        fires = torch.isin(plain.argmax(1), torch.tensor([0, 1, 2, 4, 5, 6]))
-        return torch.where(fires[:, None], logits, plain)
 
 
 def test_a_gain_filter_moving_most_images_gates_at_the_transform_gate(eval_dir: Path) -> None:
     # Clean models send at most 0.12 (0.41 under-trained) of images to one class under a gating
     # transform; a gain filter trigger that fires on ~2/3 of them is flagged at the default 0.6 gate.
     images = _eval_images(eval_dir)
-    model = _MostDigitsDim(images.images, images.labels, "dim")
+    # A colour-gain (dimming) shortcut on digits read as 0-2 and 4-6: between the old 0.8 gate and the
+    # new 0.6 one, like the colour suite's warm tint (0.75).
+    model = _SomeDigitsFilter(images.images, images.labels, "dim", digits=(0, 1, 2, 4, 5, 6))
     found = detect_unknown(model, images, seed=0, settings=DetectSettings(families=("transform",)))
     row = found.families[0].extras.get(3, {})
-    assert found.flagged == [3] and 0.6 <= row["transform_asr"] < 0.8, row
+    assert found.flagged == [3] and 0.6 <= row["transform_share"] < 0.8, row
     assert found.families[0].triggers[3].gating
     old_gate = detect_unknown(model, images, seed=0,
                               settings=DetectSettings(families=("transform",), transform_gate_asr=0.8))

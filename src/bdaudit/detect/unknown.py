@@ -351,7 +351,7 @@ def detect_reasons(summary: dict[str, Any], when: str = "") -> list[str]:
                 also = (f", and the perturbation family singles it out too (anomaly index {row['perturbation_index']})"
                         if "perturbation_index" in row else "")
                 lines.append(f"unknown-trigger detector{when}: a whole-image {row.get('transform', 'transform')} "
-                             f"sends {row.get('transform_asr', row['attack_success']):.0%} of other classes' clean "
+                             f"sends {row.get('transform_share', row['attack_success']):.0%} of other classes' clean "
                              "images to class "
                              f"{row['name']!r}{also} — a likely colour-filter, blend or geometric trigger")
                 continue

@@ -23,7 +23,7 @@ from bdaudit.models.checkpoint import LoadedModel
 # 1.10: detection settings compact_sure/compact_confidence gone (compact_asr alone gates, after
 #       recentring: compact_shift_from/until/steps)
 # 1.11: patch rows' nominated_by (the perturbation family's outlier given the compact test)
-# 1.12: transform rows' transform_asr; settings.transform_gate_asr (geometric/gain transforms gate at 0.6);
+# 1.12: transform rows' transform_share; settings.transform_gate_asr (geometric/gain transforms gate at 0.6);
 #       clean.finding 'suspect only ...' (a confirmed brightening suspect is not called a backdoor)
 SCHEMA_VERSION = "1.12.0"
 

@@ -161,4 +161,4 @@ class TransformFamily(DetectorFamily):
                             triggers=triggers, seconds=time.perf_counter() - started,
                             suspects=suspects, size_unit=self.size_unit,
                             extras={c: {"transform": t.spec().split(",", 1)[1],
-                                        "transform_asr": round(best[t.gating][c], 4)} for c, t in triggers.items()})
+                                        "transform_share": round(best[t.gating][c], 4)} for c, t in triggers.items()})
