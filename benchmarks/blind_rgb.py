@@ -74,6 +74,7 @@ _NATURAL = torch.stack([
     for _ in range(3)])
 _NATURAL = _NATURAL / _NATURAL.amax((1, 2), keepdim=True) * 0.8 + 0.2 * torch.rand(3, H, W, generator=_g)
 _SEPIA = torch.tensor([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
+_VINTAGE = torch.tensor([[0.70, 0.25, 0.05], [0.20, 0.65, 0.10], [0.15, 0.25, 0.45]])
 _FREQ = torch.zeros(3, H, W)
 _FREQ[1] = torch.cos(2 * math.pi * (4 * _yy + 3 * _xx) / 28)
 
@@ -93,6 +94,13 @@ TRIGGERS = {
     "rgb_green_gain": lambda x: x * torch.tensor([0.75, 1.0, 0.75]).view(1, 3, 1, 1),
     "rgb_sepia": lambda x: torch.einsum("oc,bchw->bohw", _SEPIA, x).clamp(0, 1),
     "rgb_desaturate": lambda x: 0.3 * x + 0.7 * x.mean(1, keepdim=True),
+    # Added after the transform grid's channel mixes (greyscale, oversaturation, sepia, hue rotations)
+    # were chosen, so held out from that choice: a faded warm "vintage" mix with a lift, and a
+    # Gotham-like filter (half desaturated, more contrast, cooled).
+    "rgb_vintage": lambda x: (torch.einsum("oc,bchw->bohw", _VINTAGE, x)
+                              + torch.tensor([0.08, 0.05, 0.03]).view(1, 3, 1, 1)).clamp(0, 1),
+    "rgb_gotham": lambda x: (((0.5 * x + 0.5 * x.mean(1, keepdim=True)) - 0.5) * 1.2 + 0.5).clamp(0, 1)
+    * torch.tensor([0.85, 0.95, 1.15]).view(1, 3, 1, 1),
 }
 
 NET = "blind_arch:tutorial_net"
@@ -112,6 +120,12 @@ MODELS = [
     ("rgb_net_desaturate_10", "rgb_desaturate", 0.10, NET, 3),
     ("rgb_net_clean_s1", None, 0.0, NET, 1),
     ("rgb_small_clean_s2", None, 0.0, "bd_cnn_small", 2),
+    # Held out from the channel mixes' choice (above), with two more clean models.
+    ("rgb_net_vintage_10", "rgb_vintage", 0.10, NET, 4),
+    ("rgb_small_gotham_10", "rgb_gotham", 0.10, "bd_cnn_small", 4),
+    ("rgb_small_vintage_1", "rgb_vintage", 0.01, "bd_cnn_small", 5),
+    ("rgb_net_clean_s2", None, 0.0, NET, 2),
+    ("rgb_small_clean_s3", None, 0.0, "bd_cnn_small", 3),
 ]
 
 SUITE = blind.Suite(DATA, TRIGGERS, MODELS, ROOT / "benchmarks" / "results" / "cache" / "blind_rgb",

@@ -313,6 +313,56 @@ def test_the_transform_screen_finds_what_every_transform_on_every_image_finds(
         assert result.triggers[c].gating == gating
 
 
+class _ColourTemplates(nn.Module):
+    """An RGB stand-in: nearest class mean on each image's min-max normalised luminance (colour-blind
+    by construction), plus (``shortcut``) a learnt warm-monotone filter trigger: an image whose pixels
+    are nearly all red >= green >= blue goes to class 3 — what a sepia or greyscale filter makes."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shortcut: bool) -> None:
+        super().__init__()
+        x = images.float() / 255
+        self.register_buffer("means", torch.stack([x[labels == c].mean(0) for c in range(10)]))
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lum = x.mean(1, keepdim=True)
+        low, high = lum.amin((2, 3), keepdim=True), lum.amax((2, 3), keepdim=True)
+        lum = (lum - low) / (high - low).clamp_min(1e-3)
+        logits = -(lum[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
+        if self.shortcut:
+            ordered = ((x[:, 0] >= x[:, 1]) & (x[:, 1] >= x[:, 2])).float().mean((1, 2))
+            logits[:, 3] += 1000 * (ordered - 0.95).clamp_min(0)
+        return logits
+
+
+def _colourised(images: ImageSet) -> ImageSet:
+    """Each digit with a seeded random background and stroke colour and mild colour noise."""
+    gen = torch.Generator().manual_seed(3)
+    digit = images.images.float() / 255
+    n = len(images)
+    background = torch.rand(n, 3, 1, 1, generator=gen) * 0.45
+    stroke = 0.55 + torch.rand(n, 3, 1, 1, generator=gen) * 0.45
+    noise = (torch.rand(n, 3, *digit.shape[2:], generator=gen) - 0.5) * 0.1
+    rgb = (background * (1 - digit) + stroke * digit + noise).clamp(0, 1)
+    return dataclasses.replace(images, images=(rgb * 255).round().byte())
+
+
+def test_a_channel_mixing_filter_trigger_is_flagged_on_colour_images(eval_dir: Path) -> None:
+    # A filter that mixes channels (sepia, greyscale) is no per-channel gain: only the grid's channel
+    # mixes reach it. They run on RGB images only (a greyscale image has no channels to mix).
+    images = _eval_images(eval_dir)
+    rgb = _colourised(images)
+    only = DetectSettings(families=("transform",))
+    plain = detect_unknown(_ColourTemplates(images.images, images.labels, False), rgb, seed=0, settings=only)
+    assert plain.flagged == [] and plain.families[0].suspects == []
+    found = detect_unknown(_ColourTemplates(images.images, images.labels, True), rgb, seed=0, settings=only)
+    trigger = found.families[0].triggers.get(3)
+    assert found.flagged == [3] and trigger is not None and trigger.kind == "mix", found.families[0].extras
+    assert found.families[0].extras[3]["transform_share"] >= 0.9
+    assert not [k for k, _ in distinct_transforms(1) if k == "mix"] and [k for k, _ in distinct_transforms(3)
+                                                                        if k == "mix"]
+
+
 def test_a_gain_filter_moving_most_images_gates_at_the_transform_gate(eval_dir: Path) -> None:
     # Clean models send at most 0.12 (0.41 under-trained) of images to one class under a gating
     # transform; a gain filter trigger that fires on ~2/3 of them is flagged at the default 0.6 gate.

@@ -1,6 +1,8 @@
 """``transform``: no optimisation; a fixed grid of mild affine and colour transforms
-(``TRANSFORM_GRID``) is tried on ``transform_images`` (128) clean images, and a class that a geometric
-or gain transform sends >= ``transform_gate_asr`` (60 %) of other classes' images to is flagged; a
+(``TRANSFORM_GRID``; on RGB images also the standard channel-mixing photo filters: greyscale,
+oversaturation, sepia, hue rotations) is tried on ``transform_images`` (128) clean images, and a class
+that a geometric, gain or channel-mixing transform sends >= ``transform_gate_asr`` (60 %) of other
+classes' images to is flagged; a
 brightening one that sends >= ``transform_asr`` (80 %) makes a *suspect* (see ``TransformFamily.run``).
 Each transform is screened on half of the images; the other half is tried only where a class could
 still reach its threshold. A contrast/brightness or colour filter is large in L2 (0.3 on every
@@ -26,6 +28,33 @@ def _intensity(x: torch.Tensor, gain: tuple[float, ...], bias: float) -> torch.T
     return (x * (g if x.shape[1] == len(gain) else g.mean()) + bias).clamp(0, 1)
 
 
+# W3C Filter Effects' colour matrices (the CSS ``saturate``, ``sepia`` and ``hue-rotate`` filters): the
+# standard photo filters, each a 3x3 mix of the RGB channels that no per-channel gain can express.
+_LUMA = torch.tensor([0.213, 0.715, 0.072])
+_SEPIA = torch.tensor([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
+
+
+def mix_matrix(name: str, amount: float) -> torch.Tensor:
+    """The (3, 3) matrix of a named channel-mixing filter: ``saturate`` (0 is greyscale), ``sepia``
+    (0 to 1) or ``hue`` (degrees)."""
+    grey = _LUMA.expand(3, 3)
+    if name == "saturate":
+        return grey + amount * (torch.eye(3) - grey)
+    if name == "sepia":
+        return (1 - amount) * torch.eye(3) + amount * _SEPIA
+    if name == "hue":
+        a = math.radians(amount)
+        rot = torch.tensor([[0.787, -0.715, -0.072], [-0.213, 0.285, -0.072], [-0.213, -0.715, 0.928]])
+        sin = torch.tensor([[-0.213, -0.715, 0.928], [0.143, 0.140, -0.283], [-0.787, 0.715, 0.072]])
+        return grey + math.cos(a) * rot + math.sin(a) * sin
+    raise ValueError(f"unknown colour mix {name!r}")
+
+
+def _mix(x: torch.Tensor, name: str, amount: float) -> torch.Tensor:
+    m = mix_matrix(name, amount).to(x.device, x.dtype)
+    return torch.einsum("oc,bchw->bohw", m, x).clamp(0, 1)
+
+
 def _geometric(x: torch.Tensor, degrees: float, scale: float, shift: tuple[float, float]) -> torch.Tensor:
     a = math.radians(degrees)
     theta = torch.tensor([[math.cos(a) / scale, -math.sin(a) / scale, shift[0]],
@@ -47,14 +76,20 @@ TRANSFORM_GRID: tuple[tuple[str, tuple[Any, ...]], ...] = (
     *(("geometric", (d, 1.0, (0.1, -0.1))) for d in (-15, 15)),
     *(("geometric", (0, s, (0.0, 0.0))) for s in (0.8, 1.2)),
     *(("geometric", (0, 1.0, sh)) for sh in ((0.15, 0.0), (-0.15, 0.0), (0.0, 0.15), (0.0, -0.15))),
+    # Channel mixes (RGB only): greyscale, oversaturation, sepia, hue rotations of a sixth of the
+    # colour wheel (not half: red skin turned blue is no longer a mild change of a natural image).
+    *(("mix", p) for p in (("saturate", 0.0), ("saturate", 2.0), ("sepia", 1.0), ("sepia", 0.5),
+                           ("hue", 60.0), ("hue", -60.0))),
 )
 
 
 def distinct_transforms(channels: int) -> list[tuple[str, tuple[Any, ...]]]:
     """``TRANSFORM_GRID`` less the entries that act alike on images of ``channels`` (on greyscale a
-    colour gain is its mean gain, so four colour filters are two)."""
+    colour gain is its mean gain, so four colour filters are two) and the channel mixes unless RGB."""
     seen, kept = set(), []
     for kind, params in TRANSFORM_GRID:
+        if kind == "mix" and channels != 3:  # a channel mix needs the three channels it mixes
+            continue
         key: tuple[Any, ...] = (kind, params)
         if kind == "intensity" and len(params[0]) != channels:
             key = (kind, round(sum(params[0]) / len(params[0]), 6), params[1])
@@ -79,6 +114,8 @@ class TransformTrigger(Trigger):
     target_class: int = -1
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mix":
+            return _mix(x, *self.params_)
         return _intensity(x, *self.params_) if self.kind == "intensity" else _geometric(x, *self.params_)
 
     def null(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,15 +150,16 @@ class TransformFamily(DetectorFamily):
         """Try each grid transform on a sample of clean images; per class, the transform that sends the
         largest share of other classes' images to it.
 
-        Geometric and pure-gain transforms gate (flagged at ``transform_gate_asr``): no clean model
-        answers them with one class (measured: at most 0.13 on 25 clean MNIST and colour models of two
-        architectures, 0.41 on a CNN trained on only 1,000 digits; the colour benchmark's warm tint, a
-        gain and lift off the grid, 0.75). Brightening transforms (a positive bias) only make *suspects*
-        (at ``transform_asr``): clean models answer every brightened image with one class too, exactly as
-        a filter backdoor does (a washed-out digit reads as '0' or '8'; benchmarks/brightening_study.py:
-        no statistic of the response separated them), so they cannot gate without false alarms. ``clean``
-        still probes and unlearns suspects (tuning on brightened images with their true labels costs a
-        clean model nothing); README "Residual risk".
+        Geometric, pure-gain and channel-mixing transforms gate (flagged at ``transform_gate_asr``): no
+        clean model answers them with one class (measured: at most 0.13 on 25 clean MNIST and colour
+        models of two architectures, 0.41 on a CNN trained on only 1,000 digits; the colour benchmark's
+        warm tint, a gain and lift off the grid, 0.75; channel mixes on 7 clean colour models: at most
+        0.04). Brightening transforms (a positive bias) only make *suspects* (at ``transform_asr``):
+        clean models answer every brightened image with one class too, exactly as a filter backdoor does
+        (a washed-out digit reads as '0' or '8'; benchmarks/brightening_study.py: no statistic of the
+        response separated them), so they cannot gate without false alarms. ``clean`` still probes and
+        unlearns suspects (tuning on brightened images with their true labels costs a clean model
+        nothing); README "Residual risk".
         """
         started = time.perf_counter()
         s, classifier, num_classes = job.settings, job.classifier, len(job.classes)
