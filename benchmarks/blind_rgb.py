@@ -126,6 +126,9 @@ MODELS = [
     ("rgb_small_vintage_1", "rgb_vintage", 0.01, "bd_cnn_small", 5),
     ("rgb_net_clean_s2", None, 0.0, NET, 2),
     ("rgb_small_clean_s3", None, 0.0, "bd_cnn_small", 3),
+    # At 10 % the held-out filters implanted only in part (32 % and 50 % planted ASR): again at 20 %.
+    ("rgb_small_vintage_20", "rgb_vintage", 0.20, "bd_cnn_small", 6),
+    ("rgb_net_gotham_20", "rgb_gotham", 0.20, NET, 6),
 ]
 
 SUITE = blind.Suite(DATA, TRIGGERS, MODELS, ROOT / "benchmarks" / "results" / "cache" / "blind_rgb",
