@@ -26,7 +26,7 @@ from bdaudit.detect.families.patch import (
     densest_window,
     densest_windows,
 )
-from bdaudit.detect.families.transform import TransformTrigger, distinct_transforms
+from bdaudit.detect.families.transform import TransformTrigger, distinct_transforms, is_colour
 from bdaudit.detect.inversion import InvertedTrigger, score_classes
 from bdaudit.detect.probe import wilson_interval
 from bdaudit.detect.unknown import (
@@ -359,8 +359,10 @@ def test_a_channel_mixing_filter_trigger_is_flagged_on_colour_images(eval_dir: P
     trigger = found.families[0].triggers.get(3)
     assert found.flagged == [3] and trigger is not None and trigger.kind == "mix", found.families[0].extras
     assert found.families[0].extras[3]["transform_share"] >= 0.9
-    assert not [k for k, _ in distinct_transforms(1) if k == "mix"] and [k for k, _ in distinct_transforms(3)
-                                                                        if k == "mix"]
+    mixes = [[k for k, _ in distinct_transforms(*args) if k == "mix"] for args in ((1,), (3,), (3, False))]
+    assert mixes[1] and not mixes[0] and not mixes[2]  # none on greyscale, nor on grey images stored as RGB
+    grey = images.images.repeat(1, 3, 1, 1).float() / 255
+    assert is_colour(rgb.images.float() / 255) and not is_colour(grey) and not is_colour(grey[:, :1])
 
 
 def test_a_gain_filter_moving_most_images_gates_at_the_transform_gate(eval_dir: Path) -> None:

@@ -1,5 +1,5 @@
 """``transform``: no optimisation; a fixed grid of mild affine and colour transforms
-(``TRANSFORM_GRID``; on RGB images also the standard channel-mixing photo filters: greyscale,
+(``TRANSFORM_GRID``; on colour images also the standard channel-mixing photo filters: greyscale,
 oversaturation, sepia, hue rotations) is tried on ``transform_images`` (128) clean images, and a class
 that a geometric, gain or channel-mixing transform sends >= ``transform_gate_asr`` (60 %) of other
 classes' images to is flagged; a
@@ -83,12 +83,21 @@ TRANSFORM_GRID: tuple[tuple[str, tuple[Any, ...]], ...] = (
 )
 
 
-def distinct_transforms(channels: int) -> list[tuple[str, tuple[Any, ...]]]:
+def is_colour(x: torch.Tensor) -> bool:
+    """Whether float images (N, C, H, W) have colour: three channels that differ somewhere (greyscale
+    photos stored as RGB have none for a channel mix to mix)."""
+    return x.shape[1] == 3 and bool((x.amax(1) - x.amin(1)).amax() > 2 / 255)
+
+
+def distinct_transforms(channels: int, colour: bool | None = None) -> list[tuple[str, tuple[Any, ...]]]:
     """``TRANSFORM_GRID`` less the entries that act alike on images of ``channels`` (on greyscale a
-    colour gain is its mean gain, so four colour filters are two) and the channel mixes unless RGB."""
+    colour gain is its mean gain, so four colour filters are two) and the channel mixes unless the
+    images are ``colour`` (default: three channels). On grey pixels a mix is the identity or, for
+    sepia, a brightening, which clean models answer with one class (README "Residual risk")."""
+    colour = channels == 3 if colour is None else colour
     seen, kept = set(), []
     for kind, params in TRANSFORM_GRID:
-        if kind == "mix" and channels != 3:  # a channel mix needs the three channels it mixes
+        if kind == "mix" and not (colour and channels == 3):
             continue
         key: tuple[Any, ...] = (kind, params)
         if kind == "intensity" and len(params[0]) != channels:
@@ -175,7 +184,7 @@ class TransformFamily(DetectorFamily):
         # Per class, the best gating and the best brightening transform apart: each has its own threshold.
         best = {True: [0.0] * num_classes, False: [0.0] * num_classes}
         found: dict[bool, dict[int, TransformTrigger]] = {True: {}, False: {}}
-        for kind, params in distinct_transforms(x_all.shape[1]):
+        for kind, params in distinct_transforms(x_all.shape[1], is_colour(x_all)):
             trig = TransformTrigger(kind=kind, params_=params)
             gating = trig.gating
             threshold = s.transform_gate_asr if gating else s.transform_asr
