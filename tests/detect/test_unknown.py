@@ -313,23 +313,18 @@ def test_the_transform_screen_finds_what_every_transform_on_every_image_finds(
         assert result.triggers[c].gating == gating
 
 
-class _ColourTemplates(nn.Module):
+class _ColourTemplates(_Templates):
     """An RGB stand-in: nearest class mean on each image's min-max normalised luminance (colour-blind
-    by construction), plus (``shortcut``) a learnt warm-monotone filter trigger: an image whose pixels
-    are nearly all red >= green >= blue goes to class 3 — what a sepia or greyscale filter makes."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shortcut: bool) -> None:
-        super().__init__()
-        x = images.float() / 255
-        self.register_buffer("means", torch.stack([x[labels == c].mean(0) for c in range(10)]))
-        self.shortcut = shortcut
+    by construction), plus (``shortcut`` "monotone") a learnt warm-monotone filter trigger: an image
+    whose pixels are nearly all red >= green >= blue goes to class 3 — what a sepia or greyscale
+    filter makes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lum = x.mean(1, keepdim=True)
         low, high = lum.amin((2, 3), keepdim=True), lum.amax((2, 3), keepdim=True)
         lum = (lum - low) / (high - low).clamp_min(1e-3)
         logits = -(lum[:, None] - self.means[None]).flatten(2).pow(2).sum(-1)
-        if self.shortcut:
+        if self.shortcut == "monotone":
             ordered = ((x[:, 0] >= x[:, 1]) & (x[:, 1] >= x[:, 2])).float().mean((1, 2))
             logits[:, 3] += 1000 * (ordered - 0.95).clamp_min(0)
         return logits
@@ -353,9 +348,9 @@ def test_a_channel_mixing_filter_trigger_is_flagged_on_colour_images(eval_dir: P
     images = _eval_images(eval_dir)
     rgb = _colourised(images)
     only = DetectSettings(families=("transform",))
-    plain = detect_unknown(_ColourTemplates(images.images, images.labels, False), rgb, seed=0, settings=only)
+    plain = detect_unknown(_ColourTemplates(images.images, images.labels, "none"), rgb, seed=0, settings=only)
     assert plain.flagged == [] and plain.families[0].suspects == []
-    found = detect_unknown(_ColourTemplates(images.images, images.labels, True), rgb, seed=0, settings=only)
+    found = detect_unknown(_ColourTemplates(images.images, images.labels, "monotone"), rgb, seed=0, settings=only)
     trigger = found.families[0].triggers.get(3)
     assert found.flagged == [3] and trigger is not None and trigger.kind == "mix", found.families[0].extras
     assert found.families[0].extras[3]["transform_share"] >= 0.9
