@@ -1,11 +1,13 @@
 """Per-family detector summary on the blind benchmark's models and the samples, under any ``DetectSettings``.
 
-For trying a detector setting against every cached blind model (``blind.py`` plants them) and the
-three shipped samples, at one scan seed: flagged classes, each family's flags and largest anomaly
-index, the patch family's compact-patch shares, seconds. Compare two runs' lines to see what a setting
+For trying a detector setting against every cached blind model (``blind.py`` and ``blind_rgb.py``
+plant them; ``--suite``) and, with the MNIST suite, the three shipped samples, at one scan seed:
+flagged classes, each family's flags and largest anomaly index, the patch family's compact-patch
+shares, seconds. Compare two runs' lines to see what a setting
 changes before spending a full ``blind.py`` run on it.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/detect_families.py --set steps=30 --seed 1 > steps30.jsonl
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/detect_families.py --suite rgb   # the colour suite
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from blind import CACHE, MNIST, MODELS, user_flags  # noqa: E402
+from blind import MNIST, user_flags  # noqa: E402
+from blind_rgb import SUITES  # noqa: E402
 
 from bdaudit.core.data import resolve_data  # noqa: E402
 from bdaudit.detect.unknown import DetectSettings, detect_unknown  # noqa: E402
@@ -53,12 +56,17 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DetectSettings fields")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="model names (blind models or samples)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="mnist",
+                        help="which blind suite's models (the samples come with mnist)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings = DetectSettings(**{k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)})
-    entries = [(name, CACHE / f"{name}.safetensors", user_flags(arch), MNIST / "clean")
-               for name, _, _, arch, _ in MODELS]
-    entries += [(f"sample:{s}", ROOT / "sample_models" / f"{s}.safetensors", None, MNIST / "clean") for s in SAMPLES]
+    suite = SUITES[args.suite]
+    entries = [(name, suite.cache / f"{name}.safetensors", user_flags(arch), suite.data / "clean")
+               for name, _, _, arch, _ in suite.models]
+    if args.suite == "mnist":
+        entries += [(f"sample:{s}", ROOT / "sample_models" / f"{s}.safetensors", None, MNIST / "clean")
+                    for s in SAMPLES]
     for name, path, flags, data in entries:
         if args.only and name not in args.only:
             continue

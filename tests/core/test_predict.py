@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bdaudit.core import predict as predict_mod
-from bdaudit.core.predict import Predictor, evaluation_copy, fold_batchnorm, predict
+from bdaudit.core.predict import Predictor, evaluation_copy, fold_batchnorm, predict, search_copy
 
 CPU = torch.device("cpu")
 
@@ -95,6 +95,28 @@ def test_predictor_never_touches_the_input_model() -> None:
     with torch.no_grad():
         expected = net.eval()(_images().float().div(255).flip(-1)).argmax(1)
     assert torch.equal(preds, expected)
+
+
+def test_search_copy_gives_the_same_outputs_and_input_gradients_in_pieces() -> None:
+    torch.manual_seed(0)
+    net = _with_stats(Branchy()).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    twin = search_copy(net, CPU, (8, 8))  # 100,000 positions / 64 per image: pieces of 1,562
+    assert twin.most == 1562
+    twin.most = 40  # 96 images -> three pieces of 32
+    pieces = []
+    original = twin.model.forward
+    twin.model.forward = lambda x: pieces.append(len(x)) or original(x)
+    x = (_images().float() / 255).requires_grad_(True)
+    twin(x).logsumexp(1).sum().backward()
+    assert pieces == [32, 32, 32]
+    reference_x = x.detach().clone().requires_grad_(True)
+    net.eval()(reference_x).logsumexp(1).sum().backward()
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=1e-4, atol=1e-5)
+    assert not any(p.requires_grad for p in twin.parameters())
+    net.train()
+    assert all(p.requires_grad for p in net.parameters()) and _bn_count(net) == 3
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_batch_size_is_measured_once_per_model_and_device(monkeypatch) -> None:

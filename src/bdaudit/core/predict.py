@@ -135,6 +135,35 @@ def evaluation_copy(classifier: nn.Module, device: torch.device, fold: bool = Tr
     return twin.to(device, memory_format=torch.channels_last)
 
 
+SEARCH_POSITIONS = 100_000  # CPU: most image positions (H x W) per forward pass of a trigger search
+
+
+class _InPieces(nn.Module):
+    """Runs a batch in equal pieces of at most ``most`` images. A trigger search's batch (every
+    candidate class x its images) falls out of the CPU's cache: Neural Cleanse over every class on
+    the MNIST badnets sample took 20-24 s whole and 14.4 s in pieces, with the same triggers."""
+
+    def __init__(self, model: nn.Module, most: int) -> None:
+        super().__init__()
+        self.model, self.most = model, most
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) <= self.most:
+            return self.model(x)
+        size = -(-len(x) // -(-len(x) // self.most))  # equal pieces: 160 -> 2 x 80, not 128 + 32
+        return torch.cat([self.model(x[i:i + size]) for i in range(0, len(x), size)])
+
+
+def search_copy(classifier: nn.Module, device: torch.device, image_size: Sequence[int]) -> nn.Module:
+    """The frozen evaluation copy a trigger search differentiates through (input gradients only;
+    the caller's model is never touched), run in cache-sized pieces on the CPU."""
+    model = evaluation_copy(classifier, device)
+    if device.type != "cpu":
+        return model
+    height, width = image_size[-2:]
+    return _InPieces(model, max(8, SEARCH_POSITIONS // max(1, height * width)))
+
+
 def _model_key(classifier: nn.Module, sample: torch.Tensor, device: torch.device) -> tuple:
     net = _unwrap(classifier)
     return (type(net).__qualname__, sum(p.numel() for p in net.parameters()), tuple(sample.shape[1:]),

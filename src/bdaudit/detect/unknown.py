@@ -48,6 +48,7 @@ from torch import nn
 
 from bdaudit.core.data import ImageSet, to_float
 from bdaudit.core.errors import BdauditError
+from bdaudit.core.predict import search_copy
 from bdaudit.detect.families import DETECTOR_FAMILIES, FamilyJob, FamilyResult, family_names
 from bdaudit.triggers.base import Trigger
 
@@ -230,56 +231,47 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     num_classes = images.num_classes
-    was_training = classifier.training
-    classifier.to(device, memory_format=torch.channels_last).eval()
-    grads = [p.requires_grad for p in classifier.parameters()]
-    for p in classifier.parameters():
-        p.requires_grad_(False)
+    classifier = search_copy(classifier, device, images.images.shape)
     prescreen = None
     families: list[FamilyResult] = []
-    try:
-        if num_classes > s.max_candidates:
-            t0 = time.perf_counter()
-            shares = _prescreen(classifier, images.images, images.labels, num_classes, s, device, gen)
-            candidates = choose_candidates(shares, s.max_candidates)
-            top = shares.argsort(descending=True)[:5].tolist()
-            prescreen = {"method": "untargeted universal perturbation", "steps": s.prescreen_steps,
-                         "eps": s.prescreen_eps, "top_classes": top,
-                         "top_shares": [round(float(shares[c]), 4) for c in top],
-                         "seconds": round(time.perf_counter() - t0, 3)}
-        else:
-            candidates = list(range(num_classes))
-        chosen = [DETECTOR_FAMILIES[name] for name in DETECTOR_FAMILIES if name in s.families]
+    if num_classes > s.max_candidates:
+        t0 = time.perf_counter()
+        shares = _prescreen(classifier, images.images, images.labels, num_classes, s, device, gen)
+        candidates = choose_candidates(shares, s.max_candidates)
+        top = shares.argsort(descending=True)[:5].tolist()
+        prescreen = {"method": "untargeted universal perturbation", "steps": s.prescreen_steps,
+                     "eps": s.prescreen_eps, "top_classes": top,
+                     "top_shares": [round(float(shares[c]), 4) for c in top],
+                     "seconds": round(time.perf_counter() - t0, 3)}
+    else:
+        candidates = list(range(num_classes))
+    chosen = [DETECTOR_FAMILIES[name] for name in DETECTOR_FAMILIES if name in s.families]
 
-        def run(per_candidate: bool, classes: list[int], steps: int, only: Sequence[str] = ()) -> list[FamilyResult]:
-            # Each family draws from a generator of its own, so one family's budget or presence never
-            # changes another's random stream (and so its calibration).
-            return [family.run(FamilyJob(classifier, images, classes, s, steps, device,
-                                         torch.Generator().manual_seed(family_seed(seed, family.name)), seed))
-                    for family in chosen if family.per_candidate == per_candidate and (not only or family.name in only)]
+    def run(per_candidate: bool, classes: list[int], steps: int, only: Sequence[str] = ()) -> list[FamilyResult]:
+        # Each family draws from a generator of its own, so one family's budget or presence never
+        # changes another's random stream (and so its calibration).
+        return [family.run(FamilyJob(classifier, images, classes, s, steps, device,
+                                     torch.Generator().manual_seed(family_seed(seed, family.name)), seed))
+                for family in chosen if family.per_candidate == per_candidate and (not only or family.name in only)]
 
-        # The whole-grid families first: they cost a few forward passes, and a model one of them
-        # already flags needs no refined inversion to fail the gate.
-        grid = run(False, list(range(num_classes)), s.steps)
-        families = run(True, candidates, s.steps)
-        refined = None
-        ambiguous = [f.family for f in families if _top_index([f]) > s.refine_above]
-        if s.refine_steps and ambiguous and not any(f.flagged for f in families + grid):
-            refined = {"screen_steps": s.steps, "screen_top_index": round(_top_index(families), 4),
-                       "steps": s.refine_steps, "families": ambiguous,
-                       "screen_seconds": round(time.perf_counter() - started, 3)}
-            # Only the ambiguous families are refined: a family whose screen is decisive keeps it.
-            again = {f.family: f for f in run(True, candidates, s.refine_steps, ambiguous)}
-            families = [again.get(f.family, f) for f in families]
-        order = list(DETECTOR_FAMILIES)
-        families = sorted(families + grid, key=lambda f: order.index(f.family))
-        corroborate(families, s.corroborate_index)
-        cross_nominate(families, FamilyJob(classifier, images, candidates, s, s.steps, device,
-                                           torch.Generator().manual_seed(family_seed(seed, "patch")), seed))
-    finally:
-        for p, g in zip(classifier.parameters(), grads, strict=True):
-            p.requires_grad_(g)
-        classifier.train(was_training)
+    # The whole-grid families first: they cost a few forward passes, and a model one of them
+    # already flags needs no refined inversion to fail the gate.
+    grid = run(False, list(range(num_classes)), s.steps)
+    families = run(True, candidates, s.steps)
+    refined = None
+    ambiguous = [f.family for f in families if _top_index([f]) > s.refine_above]
+    if s.refine_steps and ambiguous and not any(f.flagged for f in families + grid):
+        refined = {"screen_steps": s.steps, "screen_top_index": round(_top_index(families), 4),
+                   "steps": s.refine_steps, "families": ambiguous,
+                   "screen_seconds": round(time.perf_counter() - started, 3)}
+        # Only the ambiguous families are refined: a family whose screen is decisive keeps it.
+        again = {f.family: f for f in run(True, candidates, s.refine_steps, ambiguous)}
+        families = [again.get(f.family, f) for f in families]
+    order = list(DETECTOR_FAMILIES)
+    families = sorted(families + grid, key=lambda f: order.index(f.family))
+    corroborate(families, s.corroborate_index)
+    cross_nominate(families, FamilyJob(classifier, images, candidates, s, s.steps, device,
+                                       torch.Generator().manual_seed(family_seed(seed, "patch")), seed))
     return DetectResult(settings=s, seed=seed, num_classes=num_classes, candidates=candidates, prescreen=prescreen,
                         families=families, n_images=len(images), seconds=time.perf_counter() - started,
                         class_names=tuple(images.class_names), refined=refined)
