@@ -231,12 +231,12 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     num_classes = images.num_classes
-    classifier = search_copy(classifier, device, images.images.shape)
+    model = search_copy(classifier, device, images.images.shape)  # the caller's model is never touched
     prescreen = None
     families: list[FamilyResult] = []
     if num_classes > s.max_candidates:
         t0 = time.perf_counter()
-        shares = _prescreen(classifier, images.images, images.labels, num_classes, s, device, gen)
+        shares = _prescreen(model, images.images, images.labels, num_classes, s, device, gen)
         candidates = choose_candidates(shares, s.max_candidates)
         top = shares.argsort(descending=True)[:5].tolist()
         prescreen = {"method": "untargeted universal perturbation", "steps": s.prescreen_steps,
@@ -250,7 +250,7 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
     def run(per_candidate: bool, classes: list[int], steps: int, only: Sequence[str] = ()) -> list[FamilyResult]:
         # Each family draws from a generator of its own, so one family's budget or presence never
         # changes another's random stream (and so its calibration).
-        return [family.run(FamilyJob(classifier, images, classes, s, steps, device,
+        return [family.run(FamilyJob(model, images, classes, s, steps, device,
                                      torch.Generator().manual_seed(family_seed(seed, family.name)), seed))
                 for family in chosen if family.per_candidate == per_candidate and (not only or family.name in only)]
 
@@ -270,7 +270,7 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
     order = list(DETECTOR_FAMILIES)
     families = sorted(families + grid, key=lambda f: order.index(f.family))
     corroborate(families, s.corroborate_index)
-    cross_nominate(families, FamilyJob(classifier, images, candidates, s, s.steps, device,
+    cross_nominate(families, FamilyJob(model, images, candidates, s, s.steps, device,
                                        torch.Generator().manual_seed(family_seed(seed, "patch")), seed))
     return DetectResult(settings=s, seed=seed, num_classes=num_classes, candidates=candidates, prescreen=prescreen,
                         families=families, n_images=len(images), seconds=time.perf_counter() - started,

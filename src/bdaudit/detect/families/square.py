@@ -27,7 +27,7 @@ from bdaudit.detect.families.base import DetectorFamily, FamilyJob, FamilyResult
 from bdaudit.triggers.base import Trigger, seeded_pattern
 
 COLOURS = (("black", 0.0), ("white", 1.0))
-_CHUNK = 1024  # stamped images per forward pass
+_CHUNK = 1024  # stamped images held at once (the search copy runs them in cache-sized pieces)
 
 
 def square_side(height: int, width: int) -> int:
