@@ -2,11 +2,11 @@
 
 For each model (planted and cached by ``blind.py``) and scan seed, the scan's own tuning split for
 that seed goes through the default patch family alone (``detect_unknown`` with
-``families=("patch",)``); one line per model and seed: the flagged classes and every compact-patch
-share (``compact_asr``), its mean confidence and its place. A backdoor's target should be confirmed
-(``patch.confirms``: share >= 0.9) at every seed and a clean model's classes never. ``encoder_clean``
-is the shipped clean encoder sample, scanned on the shipped clean folder (a weak model with a strong
-natural class 8).
+``families=("patch",)``, every nomination tested: ``confirm_all``); one line per model and seed: the
+flagged classes and every compact-patch share (``compact_asr``), its mean confidence and its place. A
+backdoor's target should be confirmed (``patch.confirms``: share >= 0.9) at every seed and a clean
+model's classes never. ``encoder_clean`` is the shipped clean encoder sample, scanned on the shipped
+clean folder (a weak model with a strong natural class 8).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/patch_seeds.py [--only NAME ...] [--seeds 0 1 2]
 """
@@ -54,7 +54,7 @@ def main() -> None:
         for seed in args.seeds:
             split = resolve_data(MNIST / "clean", loaded.config, 0.2, seed)
             result = detect_unknown(loaded.classifier(), split.tune, seed=seed,
-                                    settings=DetectSettings(families=("patch",))).to_dict()
+                                    settings=DetectSettings(families=("patch",), confirm_all=True)).to_dict()
             rows = [r for r in result["families"][0]["classes"] if "compact_asr" in r]
             emit({"model": name, "trigger": entry[1], "seed": seed, "commit": commit, "flagged": result["flagged"],
                   "compact": {r["class"]: r["compact_asr"] for r in rows},

@@ -123,7 +123,8 @@ def clean(model: ModelLike, data: DataOptions, options: CleanOptions | None = No
     check_unlearn_fraction(options.unlearn_fraction)
     device, gen, loaded, split = _open(model, data, runtime)
     chosen = select_triggers(loaded, probe.triggers, probe.triggers_file, split.heldout)
-    detection = run_detector(loaded.classifier(), split, device, runtime.seed, probe.detect, probe.explicit)
+    detection = run_detector(loaded.classifier(), split, device, runtime.seed, probe.detect, probe.explicit,
+                             confirm_all=True)  # every confirmed class is unlearned
     if detection is not None:
         chosen += detection.unlearn_triggers()
     inversion = None

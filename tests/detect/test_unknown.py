@@ -108,6 +108,7 @@ def test_default_scan_flags_a_trigger_outside_the_library(wave_model: Path, eval
     detection = report["detection"]
     assert detection["ran"] and TARGET in detection["flagged"]
     assert detection["all_classes_inverted"] and detection["n_images"] > 0
+    assert not detection["settings"]["confirm_all"]  # a gate: one finding is enough
     assert any("unknown-trigger detector" in r and f"'{TARGET}'" in r for r in report["verdict"]["reasons"])
     # The reversed trigger is probed on the held-out images with an interval around its ASR.
     probes = [t for t in report["scan"]["triggers"] if t["trigger"] in ("nc_inverted", "inverted_perturbation")]
@@ -138,6 +139,8 @@ def test_clean_verifies_independently_with_a_fresh_seed(wave_model: Path, clean_
     assert TARGET in report["detection"]["flagged"]
     verification = report["verification"]
     assert verification["ran"] and verification["seed"] == 1  # not the pre-scan's inversion
+    # The pre-scan tests every nomination (each confirmed class is unlearned); the check is a gate.
+    assert report["detection"]["settings"]["confirm_all"] and not verification["settings"]["confirm_all"]
     assert verification["before_flagged"] == report["detection"]["flagged"]
     # The unlearned inverted triggers no longer work; a class still flagged would fail the gate.
     after = {t["spec"]: t for t in report["clean"]["after"]["triggers"]}
@@ -625,3 +628,33 @@ def test_a_colour_patch_trigger_is_flagged_on_colour_images_and_nothing_without_
         assert patch.flagged == [3] and patch.extras[3]["compact_asr"] >= 0.9
         rows, cols = patch.triggers[3].mask[0].nonzero(as_tuple=True)  # the patch that fired covers the board
         assert rows.min() <= 22 and rows.max() >= 25 and cols.min() <= 22 and cols.max() >= 25
+
+
+@pytest.mark.parametrize(("confirm_all", "flagged_before"), [(False, False), (True, False), (False, True)])
+def test_a_gate_run_stops_confirming_after_a_finding_and_clean_confirms_every_nomination(
+        eval_dir: Path, confirm_all: bool, flagged_before: bool) -> None:
+    # Class 3 carries the checkerboard, class 5 is a natural class. Nominated in that order, a gate
+    # run (scan) needs no test of class 5 once 3 is confirmed, nor any test when an earlier family
+    # already flagged a class; clean's pre-scan (confirm_all) tests both, as it unlearns every finding.
+    images = _eval_images(eval_dir)
+    model = _Templates(images.images, images.labels, "checker")
+    mask = torch.zeros(1, 28, 28)
+    mask[:, 20:27, 2:9] = 1.0
+    classes = list(range(10))
+    patch = FamilyResult(family="patch", classes=classes, sizes=[50.0] * 10, attack_success=[float("nan")] * 10,
+                         anomaly_index=[0.0] * 10, flagged=[], seconds=0.0,
+                         triggers={c: InvertedTrigger(mask=mask, pattern=torch.ones(1, 28, 28), target_class=c)
+                                   for c in classes})
+    s = DetectSettings(families=("patch",), confirm_all=confirm_all)
+    job = FamilyJob(model, images, classes, s, s.steps, torch.device("cpu"), torch.Generator().manual_seed(0),
+                    flagged_before=flagged_before)
+    PatchFamily().test_compact(job, patch, [3, 5])
+    tested = sorted(c for c, extra in patch.extras.items() if "compact_asr" in extra)
+    skipped = sorted(c for c, extra in patch.extras.items() if "compact_skipped" in extra)
+    if flagged_before:
+        assert (tested, skipped, patch.flagged) == ([], [3, 5], [])
+    else:
+        assert patch.flagged == [3] and patch.extras[3]["compact_asr"] >= s.compact_asr
+        assert (tested, skipped) == (([3, 5], []) if confirm_all else ([3], [5]))
+        if confirm_all:
+            assert patch.extras[5]["compact_asr"] < s.compact_asr  # tested, and a natural class does not confirm

@@ -25,7 +25,8 @@ from bdaudit.models.checkpoint import LoadedModel
 # 1.11: patch rows' nominated_by (the perturbation family's outlier given the compact test)
 # 1.12: transform rows' transform_share; settings.transform_gate_asr (geometric/gain transforms gate at 0.6);
 #       clean.finding 'suspect only ...' (a confirmed brightening suspect is not called a backdoor)
-SCHEMA_VERSION = "1.12.0"
+# 1.13: patch rows' compact_skipped; settings.confirm_all (a gate run stops confirming after a finding)
+SCHEMA_VERSION = "1.13.0"
 
 
 @cache

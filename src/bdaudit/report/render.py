@@ -167,7 +167,8 @@ def detection_tables(section: dict[str, Any], title: str = "Unknown-trigger dete
                 cells.append(f"{r['attack_success']:.0%} sent{suspect}")
             else:
                 index = "—" if r["anomaly_index"] is None else f"{r['anomaly_index']:.1f}"
-                compact = f"; compact {r['compact_asr']:.0%}" if "compact_asr" in r else ""
+                compact = (f"; compact {r['compact_asr']:.0%}" if "compact_asr" in r else
+                           "; compact test skipped" if "compact_skipped" in r else "")
                 cells.append(f"{r['size']:.1f} (index {index}{compact})")
         flagged = any(r and r["flagged"] for r in rows)
         table.add_row(name, *cells, "[bold red]OUTLIER" if flagged else "[green]ok")

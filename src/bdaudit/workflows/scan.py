@@ -13,7 +13,7 @@ from bdaudit.core.data import DataSplit, ImageSet, resolve_data
 from bdaudit.core.errors import TriggerError
 from bdaudit.detect.inversion import InversionResult, inversion_reasons, invert_seeded
 from bdaudit.detect.probe import Gates, ProbeSettings, ScanResult, evaluate_triggers, trigger_fit_error
-from bdaudit.detect.unknown import DetectResult, detect_reasons, detect_unknown, detector_enabled
+from bdaudit.detect.unknown import DetectResult, DetectSettings, detect_reasons, detect_unknown, detector_enabled
 from bdaudit.models.checkpoint import LoadedModel
 from bdaudit.models.intake import check_data_channels
 from bdaudit.triggers import Trigger, default_triggers, load_trigger_file, parse_trigger
@@ -53,11 +53,13 @@ def add_inverted(classifier: Any, split: DataSplit, device: Any, seed: int,
 
 
 def run_detector(classifier: Any, split: DataSplit, device: Any, seed: int, mode: str,
-                 explicit: bool) -> DetectResult | None:
-    """The unknown-trigger detector on the tuning images, if ``mode`` (auto/on/off) asks for it."""
+                 explicit: bool, confirm_all: bool = False) -> DetectResult | None:
+    """The unknown-trigger detector on the tuning images, if ``mode`` (auto/on/off) asks for it;
+    ``confirm_all`` when every suspected class matters (what ``clean`` unlearns), not just a verdict."""
     if not detector_enabled(mode, explicit):
         return None
-    return detect_unknown(classifier, split.tune, device=device, seed=seed)
+    return detect_unknown(classifier, split.tune, device=device, seed=seed,
+                          settings=DetectSettings(confirm_all=confirm_all))
 
 
 def detection_section(detection: DetectResult | None, mode: str) -> dict[str, Any]:

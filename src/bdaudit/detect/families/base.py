@@ -72,6 +72,11 @@ class FamilyJob:
     device: torch.device
     gen: torch.Generator  # the family's own seeded generator (``unknown.family_seed``)
     seed: int = 0  # the detector's seed, for a step that must not draw from ``gen`` (patch's compact tests)
+    flagged_before: bool = False  # a family that ran earlier flagged a class (``DetectSettings.confirm_all``)
+
+    def decided(self, result: FamilyResult) -> bool:
+        """Whether a gate run has its finding, so that confirmations still due can be skipped."""
+        return not self.settings.confirm_all and (self.flagged_before or bool(result.flagged))
 
 
 class DetectorFamily(ABC):

@@ -257,8 +257,14 @@ class PatchFamily(InvertingFamily):
                      nominated_by: str | None = None) -> None:
         """Give each of ``classes`` the compact-patch test at the windows where its reversed mask is
         densest; a class that passes joins ``result.flagged`` with the patch that fired as its trigger."""
-        clean_pred = clean_predictions(job) if classes else None
+        clean_pred = None
         for c in classes:
+            if job.decided(result):
+                result.extras[c] = {"compact_skipped": "another class was already flagged (a gate needs one finding)",
+                                    **({"nominated_by": nominated_by} if nominated_by else {})}
+                continue
+            if clean_pred is None:
+                clean_pred = clean_predictions(job)
             mask = result.triggers[c].mask  # type: ignore[attr-defined]
             found = compact_patch(job, c, mask, clean_pred=clean_pred)
             result.extras[c] = {"compact_asr": round(found.share, 4), "compact_confidence": round(found.confidence, 4),
