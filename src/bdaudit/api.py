@@ -136,7 +136,7 @@ def clean(model: ModelLike, data: DataOptions, options: CleanOptions | None = No
     # Independent check: a fresh seed and a fresh inversion on the cleaned model, so the verdict
     # does not rest on re-measuring the very triggers that were unlearned.
     verification = None if detection is None else \
-        run_detector(outcome.classifier, split, device, runtime.seed + 1, "on", False)
+        run_detector(outcome.classifier, split, device, runtime.seed + 1, "on", False, confirm_all=True)
     audit = None
     if options.sequela is not None:
         models = {"model": outcome.classifier, "original": loaded.classifier(),

@@ -122,8 +122,9 @@ class DetectSettings:
     # A gate needs one finding: once any family has flagged a class, the compact-patch tests still
     # due (further nominations, the cross-nomination) are skipped — on the badnets sample the
     # transform family flags the target before the patch family runs, and the skipped tests were
-    # 22 % of the detector's time. ``clean``'s pre-scan sets ``confirm_all``: it unlearns every
-    # confirmed class, so every nomination is tested there.
+    # 22 % of the detector's time. ``clean`` sets ``confirm_all`` before and after tuning: it unlearns
+    # every confirmed class, and its after-clean verdict gates on the classes flagged again, so a
+    # naturally easy class confirmed first must not stop the re-test of the one that was unlearned.
     confirm_all: bool = False
     square_images: int = 16  # clean images every solid-square placement is screened on (32 moved shares <= 0.02)
     square_confirm: int = 256  # other clean images a class's best placement is re-measured on
