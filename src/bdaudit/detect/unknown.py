@@ -16,7 +16,8 @@ models reach 4.7); ``patch``'s index only nominates, because on clean models it 
 (benchmarks/README.md, "Blind generalisation"). A class is flagged when any family flags it, or
 when it is a brightening ``transform`` suspect that ``perturbation`` singles out too (``corroborate``).
 ``perturbation``'s strongest outlier also gets ``patch``'s compact-patch test when the mask rule did
-not nominate it (``cross_nominate``).
+not nominate it (``cross_nominate``). Unless ``confirm_all`` (``clean`` sets it), compact tests still due
+once a class is flagged are skipped: a gate needs one finding.
 
 Cost is bounded, not linear in the number of classes: with more than ``max_candidates`` classes a
 class-count-independent pre-screen — one *untargeted* universal perturbation, optimised to push
