@@ -153,3 +153,22 @@ def test_invert_finds_the_unknown_target(badnets_model: PlantResult, eval_dir: P
     assert report["inversion"]["flagged"] == [0]
     assert any("trigger inversion: class '0'" in r for r in report["verdict"]["reasons"])
     assert "OUTLIER" in result.output
+
+
+def test_confirm_all_tests_every_class_the_gate_run_skips(tmp_path: Path) -> None:
+    # The Quick start's scan: the shipped badnets sample nominates its target and a naturally easy
+    # class. A gate run stops confirming at the first finding; --confirm-all (triage) tests every
+    # nomination and finds the same backdoor.
+    rows = {}
+    for name, extra in (("gate", []), ("all", ["--confirm-all"])):
+        result = invoke("scan", SAMPLES / "badnets.safetensors", "--data", SAMPLES.parent / "sample_data/mnist/clean",
+                        "--json", tmp_path / f"{name}.json", "--device", "cpu", "-q", *extra)
+        assert result.exit_code == 1, result.output
+        report = read_report(tmp_path / f"{name}.json")
+        patch = next(f for f in report["detection"]["families"] if f["family"] == "patch")
+        rows[name] = (report["detection"]["flagged"], report["detection"]["settings"]["confirm_all"],
+                      {r["class"] for r in patch["classes"] if "compact_asr" in r},
+                      {r["class"] for r in patch["classes"] if "compact_skipped" in r})
+    (flagged, on, tested, skipped), (flagged_all, on_all, tested_all, skipped_all) = rows["gate"], rows["all"]
+    assert 0 in flagged and set(flagged) <= set(flagged_all) and (on, on_all) == (False, True)
+    assert skipped and not skipped_all and tested_all == tested | skipped, rows

@@ -48,6 +48,9 @@ def scan(
                                          "(Neural Cleanse) to find unknown triggers; fails when a class "
                                          "is an outlier. Slower (~20 s for 10 classes of a small CNN).")] = False,
     detect: Detect = "auto",
+    confirm_all: Annotated[bool, typer.Option("--confirm-all", help="Have the detector test every class it "
+                                              "suspects instead of stopping at the first finding (slower on a "
+                                              "backdoored model; for triage, e.g. several targets).")] = False,
     model_flags: ModelFlags = ModelFlags(),
     device: Device = "auto",
     batch_size: EvalBatchSize = None,
@@ -79,7 +82,7 @@ def scan(
     from bdaudit import api
     from bdaudit.report.render import progress_bars
 
-    options = dict(probe=api.ProbeOptions(trigger or (), triggers_file, target, detect, invert),
+    options = dict(probe=api.ProbeOptions(trigger or (), triggers_file, target, detect, invert, confirm_all),
                    gates=gate_flags.gates(), runtime=api.Runtime(device, batch_size, seed))
     data_options = api.DataOptions(data, eval_data, holdout)
     if batch:

@@ -66,13 +66,15 @@ class ProbeOptions:
 
     ``triggers`` (specs) and ``triggers_file`` (YAML) choose known triggers (default: the whole
     library); ``target`` fixes the target class; ``detect`` (auto/on/off) runs the unknown-trigger
-    detector; ``invert`` also runs Neural Cleanse over every class."""
+    detector; ``invert`` also runs Neural Cleanse over every class. ``confirm_all`` makes ``scan``'s
+    detector test every nominated class rather than stop at the first finding (``clean`` always does)."""
 
     triggers: Sequence[str] = ()
     triggers_file: str | Path | None = None
     target: int | None = None
     detect: str = "auto"
     invert: bool = False
+    confirm_all: bool = False
 
     @property
     def explicit(self) -> bool:

@@ -114,7 +114,8 @@ def run_scan(loaded: LoadedModel, split: DataSplit, probe: ProbeOptions, gates: 
              device: Any, advance: Any = None) -> ScanOutcome:
     """Probe ``loaded`` with the chosen triggers and those the detector flags (``api.scan``)."""
     chosen = select_triggers(loaded, probe.triggers, probe.triggers_file, split.heldout)
-    detection = run_detector(loaded.classifier(), split, device, runtime.seed, probe.detect, probe.explicit)
+    detection = run_detector(loaded.classifier(), split, device, runtime.seed, probe.detect, probe.explicit,
+                             probe.confirm_all)
     if detection is not None:
         chosen += detection.flagged_triggers()  # their held-out ASR (with its interval) is reported
     result = evaluate_triggers(loaded.classifier(), split.heldout, chosen,
