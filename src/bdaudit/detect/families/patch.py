@@ -233,7 +233,7 @@ class PatchFamily(InvertingFamily):
 
     def invert(self, job: FamilyJob) -> tuple[list[float], dict[int, Trigger]]:
         candidates = job.classes
-        nc = InversionSettings(steps=job.steps, batch_size=job.settings.batch_size, lr=job.settings.lr,
+        nc = InversionSettings(steps=job.steps, batch_size=job.settings.patch_batch_size, lr=job.settings.lr,
                                class_group=len(candidates))
         masks, patterns, _ = _invert_group(job.classifier, job.images.images, job.images.labels, candidates, nc,
                                            job.device, job.gen)
