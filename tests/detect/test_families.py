@@ -79,3 +79,38 @@ def test_a_family_registered_in_one_line_is_run_and_reported(eval_dir: Path, per
     reasons = detect_reasons(summary)
     assert len(reasons) == (0 if per_candidate else 1) and all("toy trigger of toy units" in r for r in reasons)
     assert "toy" not in family_names()
+
+
+@pytest.mark.parametrize("field", ["steps", "batch_size", "patch_batch_size", "compact_tests"])
+def test_a_budget_below_one_is_refused(field: str) -> None:
+    with pytest.raises(BdauditError, match="detector steps, batch sizes"):
+        DetectSettings(**{field: 0})
+
+
+def test_each_inverting_family_searches_with_its_own_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The patch family only nominates (its compact patch decides), so it affords fewer images per step
+    # than the perturbation family, whose index gates.
+    import torch
+
+    from bdaudit.core.data import ImageSet
+    from bdaudit.detect.families import patch, perturbation
+
+    seen: dict[str, int] = {}
+
+    def spy(name: str, result: object) -> object:
+        def run(classifier: object, images: object, labels: object, targets: list[int], nc: object,
+                *args: object) -> object:
+            seen[name] = nc.batch_size  # type: ignore[attr-defined]
+            return result(len(targets))  # type: ignore[operator]
+        return run
+
+    monkeypatch.setattr(patch, "_invert_group", spy("patch", lambda k: (torch.ones(k, 1, 8, 8),
+                                                                         torch.ones(k, 1, 8, 8), None)))
+    monkeypatch.setattr(perturbation, "invert_perturbation", spy("perturbation", lambda k: (torch.ones(k, 1, 8, 8),
+                                                                                             [0.0] * k)))
+    images = ImageSet(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), torch.arange(20) % 2, ("a", "b"))
+    s = DetectSettings(batch_size=16, patch_batch_size=12)
+    for name in ("patch", "perturbation"):
+        job = FamilyJob(nn.Identity(), images, [0, 1], s, 1, torch.device("cpu"), torch.Generator().manual_seed(0))
+        DETECTOR_FAMILIES[name].invert(job)  # type: ignore[attr-defined]
+    assert seen == {"patch": 12, "perturbation": 16}
