@@ -249,7 +249,6 @@ def detect_unknown(classifier: nn.Module, images: ImageSet, *, device: torch.dev
     num_classes = images.num_classes
     model = search_copy(classifier, device, images.images.shape)  # the caller's model is never touched
     prescreen = None
-    families: list[FamilyResult] = []
     if num_classes > s.max_candidates:
         t0 = time.perf_counter()
         shares = _prescreen(model, images.images, images.labels, num_classes, s, device, gen)
